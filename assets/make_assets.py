@@ -1,0 +1,192 @@
+"""Build nanotune's default assets: a tiny GPT-NeoX base model and an instruction dataset.
+
+Everything here is made from scratch, with no third-party text or weights, and is deterministic
+(seeded): run `python assets/make_assets.py` to rebuild assets/tiny-neox/ and assets/data/.
+
+Design. A fine-tuning demo should visibly learn within minutes on a laptop CPU. Teaching a tiny
+model a brand-new skill takes far longer than that, so the skill is put in at pre-training and
+the fine-tune only teaches the *format*, which is what instruction tuning mostly does for real:
+
+  * Pre-training documents apply five word-list operations (reverse, sort, uppercase, count,
+    last word) in terse made-up notations, e.g. "reverse: cat dog sun -> sun dog cat" or
+    "len(cat dog sun) = 3". Several notations per operation make the base model learn the
+    operation itself rather than one string pattern.
+  * The instruction data asks for the same operations in plain English under the Alpaca
+    template ("### Instruction: Reverse the order of these words. ### Input: ..."), which
+    the base model has never seen. Before fine-tuning it scores ~0% exact match; a LoRA on
+    the attention projections alone only has to map the new wording onto a known skill.
+
+Steps: (a) generate the corpus and the dataset, (b) train a byte-level BPE tokenizer on them,
+(c) pre-train a ~1M-parameter GPT-NeoX from random init, (d) save everything.
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repo root, so `python assets/make_assets.py` finds nanotune
+from nanotune.model import Config, GPTNeoX, save_pretrained  # noqa: E402
+SEED = 1234
+WORDS = ("ant bee cat cow dog elk fox hen owl pig rat yak apple bread cake corn egg fig grape "
+         "honey lemon melon nut pear plum rice soup tea").split()
+NUMBERS = "zero one two three four five six seven eight nine".split()
+
+
+def random_words(rng):
+    """3-6 distinct words, never already sorted (so copying the input is never a right answer)."""
+    while True:
+        words = rng.sample(WORDS, rng.randint(3, 6))
+        if words != sorted(words):
+            return words
+
+
+# Each operation maps a word list to its answer (a string).
+OPS = {
+    "reverse": lambda w: " ".join(reversed(w)),
+    "sort": lambda w: " ".join(sorted(w)),
+    "upper": lambda w: " ".join(x.upper() for x in w),
+    "count": lambda w: NUMBERS[len(w)],
+    "last": lambda w: w[-1],
+}
+
+# Pre-training notations: {x} is the input, {y} the answer. Some put the answer after a newline,
+# because byte-level BPE gives a word a different token at the start of a line ("cat") than after
+# a space (" cat"), and the instruction template puts input and answer at the start of lines.
+NOTATIONS = {
+    "reverse": ["reverse: {x} -> {y}", "{x} reversed is {y}", "backwards({x}) = {y}", "reverse\n{x}\n=>\n{y}"],
+    "sort": ["sort: {x} -> {y}", "{x} sorted is {y}", "alphabetical({x}) = {y}", "sort\n{x}\n=>\n{y}"],
+    "upper": ["upper: {x} -> {y}", "{x} in capitals is {y}", "caps({x}) = {y}", "upper\n{x}\n=>\n{y}"],
+    "count": ["count: {x} -> {y}", "{x} has {y} words", "len({x}) = {y}", "count\n{x}\n=>\n{y}"],
+    "last": ["last: {x} -> {y}", "the last of {x} is {y}", "last({x}) = {y}", "last\n{x}\n=>\n{y}"],
+}
+
+# Instruction wordings, deliberately unlike the notations above: this is what the fine-tune learns.
+INSTRUCTIONS = {
+    "reverse": ["Reverse the order of these words.", "Write the words backwards, last one first."],
+    "sort": ["Sort these words alphabetically.", "Put the words in alphabetical order."],
+    "upper": ["Convert the words to uppercase.", "Write each word in capital letters."],
+    "count": ["How many words are there?", "Count the words and answer with a number word."],
+    "last": ["What is the last word?", "Give only the final word of the list."],
+}
+
+
+def make_corpus(rng, n_docs):
+    docs = []
+    for _ in range(n_docs):
+        op = rng.choice(list(OPS))
+        words = random_words(rng)
+        docs.append(rng.choice(NOTATIONS[op]).format(x=" ".join(words), y=OPS[op](words)))
+    return docs
+
+
+def make_dataset(rng, n_rows):
+    rows = []
+    for i in range(n_rows):
+        op = list(OPS)[i % len(OPS)]  # balanced across operations
+        words = random_words(rng)
+        rows.append({"instruction": rng.choice(INSTRUCTIONS[op]), "input": " ".join(words), "output": OPS[op](words)})
+    rng.shuffle(rows)
+    return rows
+
+
+def render(row):
+    """The trainer's Alpaca template (nanotune/data.py renders the same); used only to train the tokenizer."""
+    return (f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n"
+            f"### Response:\n{row['output']}<|endoftext|>")
+
+
+def train_tokenizer(texts, vocab_size):
+    """Byte-level BPE like Pythia's: any string round-trips exactly, ids 0 and 1 are the specials."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def init_weights(model):
+    """GPT-2 style: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 * layers)
+    so the residual stream's variance does not grow with depth; biases zero, LayerNorms identity."""
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            torch.nn.init.constant_(p, 1.0 if "layernorm" in name or "layer_norm" in name else 0.0)
+        else:
+            std = 0.02
+            if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                std /= math.sqrt(2 * model.config.num_hidden_layers)
+            torch.nn.init.normal_(p, std=std)
+
+
+def pretrain(model, stream, steps, batch, seq, lr, warmup, rng):
+    """Next-token prediction on random windows of the token stream; AdamW with warmup + cosine decay."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on biases and norms
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    start = time.time()
+    for step in range(1, steps + 1):
+        scale = step / warmup if step <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        at = torch.randint(0, len(stream) - seq - 1, (batch,), generator=gen)
+        window = torch.stack([stream[i:i + seq + 1] for i in at.tolist()])
+        loss = model.loss_sum(window[:, :-1], window[:, 1:]) / (batch * seq)  # labels: inputs shifted by one
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == 1:
+            print(f"  step {step:5d}/{steps}  loss {loss.item():.4f}  lr {lr * scale:.2e}  {time.time() - start:.0f}s",
+                  flush=True)
+
+
+def main():
+    torch.manual_seed(SEED)
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    rng = random.Random(SEED)
+
+    corpus = make_corpus(rng, 120_000)
+    rows = make_dataset(rng, 2000)
+    print(f"corpus: {len(corpus)} documents; dataset: {len(rows)} rows")
+
+    # The tokenizer also sees the rendered instruction rows, so the template's words get tokens of
+    # their own and fine-tuning sequences stay short. The base model itself never trains on them.
+    tok = train_tokenizer(corpus + [render(r) for r in rows], vocab_size=640)
+    print(f"tokenizer: {tok.get_vocab_size()} tokens")
+
+    eos = tok.token_to_id("<|endoftext|>")
+    ids = []
+    for enc in tok.encode_batch(corpus):
+        ids.extend(enc.ids + [eos])  # documents separated by EOS, so the model learns to stop
+    stream = torch.tensor(ids, dtype=torch.long)
+    print(f"pre-training stream: {len(stream):,} tokens")
+
+    config = Config(vocab_size=-(-tok.get_vocab_size() // 64) * 64, hidden_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, intermediate_size=512, rotary_pct=0.25, max_position_embeddings=512,
+                    use_parallel_residual=True, bos_token_id=eos, eos_token_id=eos)
+    model = GPTNeoX(config)
+    init_weights(model)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    pretrain(model, stream, steps=1200, batch=32, seq=128, lr=3e-3, warmup=100, rng=rng)
+
+    out = os.path.join(HERE, "tiny-neox")
+    save_pretrained(model, out)
+    tok.save(os.path.join(out, "tokenizer.json"))  # save_pretrained copies a tokenizer only from a source folder
+    os.makedirs(os.path.join(HERE, "data"), exist_ok=True)
+    with open(os.path.join(HERE, "data", "train.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"saved {out} and {os.path.join(HERE, 'data', 'train.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Try a model: python -m nanotune.generate --model DIR [--adapter DIR] --prompt TEXT
+
+The prompt is rendered with the training template (nanotune.data.prompt_text), so an adapter
+answers in the format it was trained on. No KV cache: each new token reruns the whole sequence,
+which is simple and fast enough for the model sizes one tries on a laptop.
+"""
+import argparse
+import sys
+
+import torch
+
+from nanotune import UserError
+from nanotune.data import eos_id, load_tokenizer, prompt_text
+from nanotune.lora import load_adapter
+from nanotune.model import from_pretrained
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos=None, generator=None):
+    """Extend a list of token ids; greedy when temperature is 0, else sampled from the top_k
+    (0: all) most likely tokens. Stops after eos. Returns only the new ids."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)  # (1, T)
+    new = []
+    for _ in range(max_new_tokens):
+        logits = model(ids)[0, -1].float()  # (V,)
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            if top_k:
+                logits[logits < torch.topk(logits, top_k).values[-1]] = -float("inf")
+            probs = torch.softmax(logits / temperature, dim=-1)
+            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        if token == eos:
+            break
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+    return new
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="HF-layout GPT-NeoX folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--adapter", help="PEFT-format LoRA adapter folder to apply on top of --model")
+    p.add_argument("--prompt", required=True, help="the instruction text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    args = p.parse_args(argv)
+    try:
+        model = from_pretrained(args.model)
+        if args.adapter:
+            load_adapter(model, args.adapter)
+        tokenizer = load_tokenizer(args.model)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    model.eval()
+    prompt = tokenizer.encode(prompt_text(args.prompt), add_special_tokens=False).ids
+    new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, eos_id(tokenizer),
+                   torch.Generator().manual_seed(args.seed))
+    print(tokenizer.decode(new))
+
+
+if __name__ == "__main__":
+    main()

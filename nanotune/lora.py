@@ -1,0 +1,212 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685), added to any model from outside.
+
+`inject_lora` swaps chosen nn.Linear modules for `LoRALinear`, which keeps the frozen layer as
+`base_layer` and adds a low-rank update:  y = W x + b + B(A(dropout(x))) * scaling.
+Module names match PEFT's, so an adapter saved here is a PEFT adapter and vice versa:
+`<path>.lora_A.weight` is (r, in), `<path>.lora_B.weight` is (out, r), zero-initialised so the
+adapted model starts exactly equal to the base. This file knows nothing of the model it adapts.
+"""
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanotune import UserError
+
+BIAS_MODES = ("none", "all", "lora_only")
+OUTPUT_HEADS = ("embed_out", "lm_head")  # never adapted by "all-linear", as in PEFT
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r, self.alpha = r, alpha
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, dtype=dtype, device=device)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, dtype=dtype, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: A random, B zero
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # rsLoRA (Kalajdzievski 2023, arXiv:2312.03732) keeps the update's scale stable as r grows.
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (lora * self.scaling).to(y.dtype)
+
+    def delta_weight(self):
+        """The update as a dense (out, in) matrix: scaling * B @ A, in fp32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:  # merging twice would add the update twice
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+
+def block_index(name: str):
+    """The transformer-block index in a module path like 'gpt_neox.layers.3.attention...' (or None)."""
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def matches(name: str, targets) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def linear_names(model: nn.Module):
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
+
+
+def inject_lora(model: nn.Module, target_modules=("query_key_value",), r=8, alpha=32, dropout=0.1,
+                bias="none", modules_to_save=(), dtype=torch.float32, rslora=False, layers=None):
+    """Replace every nn.Linear whose name equals a target, or ends with '.'+target, by a LoRALinear,
+    then freeze everything but the LoRA weights, the chosen biases and `modules_to_save`.
+    target_modules="all-linear" adapts every Linear but the output head. layers restricts the
+    adapted Linears to those block indices (PEFT's layers_to_transform). Returns the model."""
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    if r <= 0:
+        raise UserError(f"--lora-r must be a positive integer, got {r}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {dropout}")
+    if bias not in BIAS_MODES:
+        raise UserError(f"--lora-bias {bias!r} is not one of {', '.join(BIAS_MODES)}")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model already carries LoRA layers; load or inject one adapter only")
+    linears = linear_names(model)
+    if list(target_modules) == ["all-linear"]:
+        chosen = [n for n in linears if n.split(".")[-1] not in OUTPUT_HEADS]
+    else:
+        chosen = [n for n in linears if matches(n, target_modules)]
+    if layers is not None:
+        chosen = [n for n in chosen if block_index(n) in set(layers)]
+    if not chosen:
+        raise UserError(f"--lora-target {' '.join(target_modules)}"
+                        f"{'' if layers is None else f' with --lora-layers {layers}'} matches no Linear module; "
+                        f"the model's Linear modules are: {', '.join(sorted({n.split('.')[-1] for n in linears}))} "
+                        f"(e.g. {linears[0]})")
+    module_names = {n for n, _ in model.named_modules()}
+    for name in modules_to_save:
+        if not any(matches(n, [name]) for n in module_names):
+            raise UserError(f"--modules-to-save {name!r} matches no module; top-level modules are: "
+                            f"{', '.join(n for n, _ in model.named_children())}")
+    for name in chosen:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout, rslora, dtype))
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                         "target_modules": list(target_modules), "bias": bias,
+                         "modules_to_save": list(modules_to_save) or None, "use_rslora": rslora,
+                         "layers_to_transform": list(layers) if layers is not None else None}
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_param(name, model.lora_config))
+    return model
+
+
+def is_adapter_param(name: str, config: dict) -> bool:
+    """Does this parameter belong to the adapter (trained, and saved with it)? PEFT's rule per bias mode."""
+    if ".lora_A." in name or ".lora_B." in name:
+        return True
+    parts = name.split(".")[:-1]  # the owning module's path, and every module above it
+    if any(matches(".".join(parts[:i]), config["modules_to_save"] or []) for i in range(1, len(parts) + 1)):
+        return True
+    if name.endswith("bias"):
+        return config["bias"] == "all" or (config["bias"] == "lora_only" and ".base_layer." in name)
+    return False
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge(model):
+    """Fold every adapter into its base weight (W += scaling * B A); the forward then skips LoRA."""
+    for m in lora_layers(model):
+        m.merge()
+
+
+def unmerge(model):
+    for m in lora_layers(model):
+        m.unmerge()
+
+
+def unload(model):
+    """Merge, then put each base layer back in place of its LoRALinear: a plain model again."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, m.base_layer)
+    return model
+
+
+def adapter_state_dict(model) -> dict:
+    """The adapter's tensors under PEFT's key names."""
+    return {PEFT_PREFIX + n: p.detach().contiguous().cpu()
+            for n, p in model.named_parameters() if is_adapter_param(n, model.lora_config)}
+
+
+def save_adapter(model, path: str, base_model_name_or_path: str = None):
+    """Write adapter_config.json + adapter_model.safetensors, the files peft.PeftModel.from_pretrained reads."""
+    os.makedirs(path, exist_ok=True)
+    save_file(adapter_state_dict(model), os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **model.lora_config, "fan_in_fan_out": False,
+              "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+              "inference_mode": True}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model, path: str, dtype=torch.float32):
+    """Inject LoRA as adapter_config.json describes, then load its tensors; every tensor must fit."""
+    file = os.path.join(path, "adapter_config.json")
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read adapter config {file} ({e}); --adapter wants a folder with "
+                        "adapter_config.json and adapter_model.safetensors") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
+                config.get("bias", "none"), config.get("modules_to_save") or (), dtype,
+                config.get("use_rslora", False), config.get("layers_to_transform"))
+    expected = {PEFT_PREFIX + n: p for n, p in model.named_parameters() if is_adapter_param(n, model.lora_config)}
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.exists(weights):
+        raise UserError(f"{weights} is missing (nanotune reads adapters only as safetensors, never pickle)")
+    with safe_open(weights, framework="pt") as f:
+        found = {k.replace(".default.", "."): f.get_tensor(k) for k in f.keys()}
+    for key, p in expected.items():
+        if key not in found:
+            raise UserError(f"{weights} lacks {key!r}: the adapter does not fit this model")
+        if found[key].shape != p.shape:
+            raise UserError(f"{weights}: {key!r} has shape {tuple(found[key].shape)} but the model needs "
+                            f"{tuple(p.shape)}: the adapter was trained for another model")
+        with torch.no_grad():
+            p.copy_(found.pop(key))
+    if found:
+        raise UserError(f"{weights} has tensors this model cannot take: {', '.join(sorted(found)[:5])}")
+    return model

@@ -1,0 +1,70 @@
+"""Tiny fixtures built on the fly: a byte-level BPE tokenizer, a random 2-layer GPT-NeoX, Alpaca rows."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from nanotune.model import Config, GPTNeoX, save_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "red green blue cat dog sun moon tree fish bird one two three".split()
+
+
+def tiny_config(**overrides):
+    return Config(**{"vocab_size": 320, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "intermediate_size": 64, "max_position_embeddings": 128, **overrides})
+
+
+def alpaca_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(WORDS, 3)
+        rows.append({"instruction": "Reverse the words.", "input": " ".join(words),
+                     "output": " ".join(reversed(words))})
+    return rows
+
+
+def make_tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = [json.dumps(r) + " ### Instruction: ### Input: ### Response:" for r in alpaca_rows(200)]
+    tok.train_from_iterator(text, trainer)
+    return tok
+
+
+def make_model_dir(path, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = GPTNeoX(tiny_config(**overrides))
+    save_pretrained(model, str(path))
+    make_tokenizer().save(os.path.join(path, "tokenizer.json"))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-neox"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in alpaca_rows(64)))
+    return str(path)
+
+
+def run_train(*args, check=True, **kw):
+    """Run train.py in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -1,0 +1,116 @@
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import make_tokenizer
+from nanotune import UserError
+from nanotune.data import IGNORE, Batches, collate, encode, load_examples, prompt_text, turns
+
+REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt-neox-20b",
+                              "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_prompt_is_masked_and_response_is_trained(tok):
+    system, dialogue = turns({"instruction": "Reverse the words.", "input": "cat dog", "output": "dog cat"}, "x")
+    ex = encode(tok, system, dialogue)
+    prompt = "### Instruction:\nReverse the words.\n\n### Input:\ncat dog\n\n### Response:\n"
+    n_prompt = len(tok.encode(prompt, add_special_tokens=False).ids)
+    assert ex.prompt == tok.encode(prompt, add_special_tokens=False).ids
+    assert ex.trained == [False] * n_prompt + [True] * (len(ex.tokens) - n_prompt)
+    assert tok.decode(ex.tokens[n_prompt:-1]) == "dog cat" and ex.tokens[-1] == 0  # EOS
+    input_ids, labels = collate([ex], pad_id=1)
+    assert torch.equal(input_ids[0], torch.tensor(ex.tokens[:-1]))
+    assert torch.equal(labels[0, :n_prompt - 1], torch.full((n_prompt - 1,), IGNORE))
+    assert torch.equal(labels[0, n_prompt - 1:], torch.tensor(ex.tokens[n_prompt:]))
+    everything = encode(tok, system, dialogue, train_on_prompt=True)
+    assert all(everything.trained)
+
+
+def test_sharegpt_trains_on_every_assistant_turn(tok):
+    row = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+                             {"from": "gpt", "value": "red"}, {"from": "human", "value": "more"},
+                             {"from": "gpt", "value": "blue"}]}
+    ex = encode(tok, *turns(row, "x"))
+    trained_text = tok.decode([t for t, keep in zip(ex.tokens, ex.trained) if keep and t != 0])
+    assert trained_text == "redblue"
+    assert tok.decode(ex.tokens).startswith("Be brief.\n\n" + prompt_text("hi"))
+    assert sum(t == 0 for t in ex.tokens) == 2  # one EOS per assistant turn
+
+
+def test_plain_text_rows_train_on_everything(tok):
+    ex = encode(tok, *turns({"text": "red cat"}, "x"))
+    assert all(ex.trained) and tok.decode(ex.tokens[:-1]) == "red cat"
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', r"a.jsonl line 2: field 'output' is missing"),
+    ("b.json", '[{"instruction": "x", "output": 3}]', r"b.json row 1: field 'output' must be a string, not int"),
+    ("c.jsonl", '{"instruction": "x", "output": "y"}\n{oops\n', r"c.jsonl line 2 is not valid JSON"),
+    ("d.json", '{"instruction": "x"}', "must hold a JSON array of rows"),
+    ("e.json", "", "is empty"),
+    ("f.jsonl", '{"prompt": "x"}\n', r"f.jsonl line 1: a row needs 'instruction' and 'output'"),
+    ("g.jsonl", '{"conversations": [{"from": "bot", "value": "x"}]}\n', r"conversations\[0\]: unknown role 'bot'"),
+])
+def test_malformed_rows_name_file_line_and_field(tok, tmp_path, name, text, message):
+    with pytest.raises(UserError, match=message):
+        load_examples(write(tmp_path, name, text), tok, 64, log=lambda s: None)
+
+
+def test_missing_file_and_all_rows_too_long(tok, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_examples(str(tmp_path / "nope.json"), tok, 64)
+    path = write(tmp_path, "long.jsonl", json.dumps({"instruction": "word " * 50, "output": "x"}) + "\n")
+    with pytest.raises(UserError, match="every row is empty after cutting to --max-seq-len 8"):
+        load_examples(path, tok, 8, log=lambda s: None)
+
+
+def test_long_rows_are_cut_and_counted(tok, tmp_path):
+    rows = [{"instruction": "hi", "output": "red " * 40}, {"instruction": "hi", "output": "red"}]
+    path = write(tmp_path, "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    logged = []
+    examples = load_examples(path, tok, 20, log=logged.append)
+    assert [len(ex.tokens) for ex in examples][0] == 21
+    assert "1 cut to --max-seq-len 20" in logged[0]
+
+
+def test_batches_are_a_pure_function_of_the_step_and_ranks_are_disjoint(tok):
+    examples = [encode(tok, None, [("user", "hi"), ("assistant", f"{i}")]) for i in range(20)]
+    one = Batches(examples, micro_batch=2, grad_accum=4, seed=3)
+    assert one.steps_per_epoch == 2
+    rows = [tuple(ex.tokens) for ex in one.global_rows(5)]
+    assert rows == [tuple(ex.tokens) for ex in Batches(examples, 2, 4, seed=3).global_rows(5)]
+    assert rows != [tuple(ex.tokens) for ex in one.global_rows(4)]  # the next epoch reshuffles
+    shards = [Batches(examples, 2, 2, world_size=2, rank=r, seed=3).step(5) for r in (0, 1)]
+    seen = [tuple(row.tolist()) for micro, _ in shards for ids, _ in micro for row in ids]
+    single = [tuple(row.tolist()) for ids, _ in one.step(5)[0] for row in ids]
+    assert sorted(seen) == sorted(single) and len(set(seen)) == 8
+    assert shards[0][1] == shards[1][1] == one.step(5)[1]  # every rank knows the global token count
+
+
+def test_too_little_data_for_one_global_batch(tok):
+    examples = [encode(tok, None, [("user", "hi"), ("assistant", "x")])] * 3
+    with pytest.raises(UserError, match="3 training rows cannot fill one global batch of 4"):
+        Batches(examples, micro_batch=2, grad_accum=1, world_size=2)
+
+
+@pytest.mark.skipif(not os.path.exists(REAL_TOKENIZER), reason="../shared (the real Pythia tokenizer) is absent")
+def test_real_pythia_tokenizer_round_trip():
+    from tokenizers import Tokenizer
+    real = Tokenizer.from_file(REAL_TOKENIZER)
+    assert real.encode("Hello world", add_special_tokens=False).ids == [12092, 1533]
+    assert (real.token_to_id("<|endoftext|>"), real.token_to_id("<|padding|>")) == (0, 1)
+    ex = encode(real, *turns({"instruction": "Say hi.", "output": "Hi there!"}, "x"))
+    assert real.decode(ex.tokens[:-1]) == prompt_text("Say hi.") + "Hi there!" and ex.tokens[-1] == 0

@@ -1,0 +1,184 @@
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import make_model_dir, tiny_config
+from nanotune import UserError
+from nanotune.model import GPTNeoX, from_pretrained, save_pretrained
+
+
+def reference_logits(sd, cfg, ids):
+    """GPT-NeoX written out naively from its definition, head by head and position by position,
+    straight from the HF state dict: an independent check of the model's layout and math."""
+    def ln(x, p):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + cfg.layer_norm_eps) * sd[p + ".weight"] + sd[p + ".bias"]
+
+    def lin(x, p, bias=True):
+        return x @ sd[p + ".weight"].T + (sd[p + ".bias"] if bias else 0)
+
+    nh, C = cfg.num_attention_heads, cfg.hidden_size
+    hs = C // nh
+    rot = int(hs * cfg.rotary_pct)
+    T = ids.shape[0]
+
+    def rope(v, pos):  # v: (hs,), rotate pairs (i, i + rot/2) by angle pos * base^(-2i/rot)
+        out = v.clone()
+        for i in range(rot // 2):
+            theta = pos * cfg.rotary_emb_base ** (-2 * i / rot)
+            a, b = v[i], v[i + rot // 2]
+            out[i] = a * math.cos(theta) - b * math.sin(theta)
+            out[i + rot // 2] = b * math.cos(theta) + a * math.sin(theta)
+        return out
+
+    x = sd["gpt_neox.embed_in.weight"][ids]
+    for layer in range(cfg.num_hidden_layers):
+        p = f"gpt_neox.layers.{layer}."
+        h = ln(x, p + "input_layernorm")
+        qkv = lin(h, p + "attention.query_key_value")  # (T, 3C), per head [q k v]
+        attn = torch.zeros(T, C)
+        for head in range(nh):
+            block = qkv[:, head * 3 * hs:(head + 1) * 3 * hs]
+            q = torch.stack([rope(block[t, :hs], t) for t in range(T)])
+            k = torch.stack([rope(block[t, hs:2 * hs], t) for t in range(T)])
+            v = block[:, 2 * hs:]
+            for t in range(T):
+                w = torch.softmax((k[:t + 1] @ q[t]) / math.sqrt(hs), dim=0)
+                attn[t, head * hs:(head + 1) * hs] = w @ v[:t + 1]
+        a = lin(attn, p + "attention.dense")
+
+        def mlp(y):
+            return lin(torch.nn.functional.gelu(lin(y, p + "mlp.dense_h_to_4h")), p + "mlp.dense_4h_to_h")
+        if cfg.use_parallel_residual:
+            x = x + a + mlp(ln(x, p + "post_attention_layernorm"))
+        else:
+            x = x + a
+            x = x + mlp(ln(x, p + "post_attention_layernorm"))
+    x = ln(x, "gpt_neox.final_layer_norm")
+    head = sd["gpt_neox.embed_in.weight"] if cfg.tie_word_embeddings else sd["embed_out.weight"]
+    return x @ head.T
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"use_parallel_residual": False},
+    {"rotary_pct": 1.0, "rotary_emb_base": 500.0},
+    {"rotary_pct": 0.5, "layer_norm_eps": 1e-3},
+    {"tie_word_embeddings": True},
+])
+def test_logits_match_naive_reference(tmp_path, overrides):
+    path = make_model_dir(tmp_path / "m", **overrides)
+    # Random non-trivial biases and norms, so a mix-up of any two parameters shows.
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    save_file(sd, os.path.join(path, "model.safetensors"))
+    model = from_pretrained(path)
+    ids = torch.randint(0, 320, (1, 9), generator=g)
+    ref = reference_logits(sd, tiny_config(**overrides), ids[0])
+    torch.testing.assert_close(model(ids)[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_key_names_and_shapes():
+    model = GPTNeoX(tiny_config(num_hidden_layers=1))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {
+        "gpt_neox.embed_in.weight": (320, 32),
+        "gpt_neox.layers.0.input_layernorm.weight": (32,), "gpt_neox.layers.0.input_layernorm.bias": (32,),
+        "gpt_neox.layers.0.post_attention_layernorm.weight": (32,),
+        "gpt_neox.layers.0.post_attention_layernorm.bias": (32,),
+        "gpt_neox.layers.0.attention.query_key_value.weight": (96, 32),
+        "gpt_neox.layers.0.attention.query_key_value.bias": (96,),
+        "gpt_neox.layers.0.attention.dense.weight": (32, 32), "gpt_neox.layers.0.attention.dense.bias": (32,),
+        "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": (64, 32), "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": (64,),
+        "gpt_neox.layers.0.mlp.dense_4h_to_h.weight": (32, 64), "gpt_neox.layers.0.mlp.dense_4h_to_h.bias": (32,),
+        "gpt_neox.final_layer_norm.weight": (32,), "gpt_neox.final_layer_norm.bias": (32,),
+        "embed_out.weight": (320, 32),
+    }
+
+
+def test_save_load_round_trip(tiny_model_dir, tmp_path):
+    model = from_pretrained(tiny_model_dir)
+    save_pretrained(model, tmp_path / "copy")
+    assert sorted(os.listdir(tmp_path / "copy")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    assert config["model_type"] == "gpt_neox" and config["architectures"] == ["GPTNeoXForCausalLM"]
+    ids = torch.randint(0, 320, (2, 7))
+    torch.testing.assert_close(from_pretrained(str(tmp_path / "copy"))(ids), model(ids), atol=0, rtol=0)
+
+
+def test_sharded_checkpoint_and_legacy_buffers(tiny_model_dir, tmp_path):
+    sd = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[:7], "model-00002-of-00002.safetensors": keys[7:]}
+    os.makedirs(tmp_path / "s")
+    for name, ks in shards.items():
+        extra = {"gpt_neox.layers.0.attention.masked_bias": torch.tensor(-1e9),
+                 "gpt_neox.layers.0.attention.rotary_emb.inv_freq": torch.ones(2)}
+        save_file({**{k: sd[k] for k in ks}, **extra}, tmp_path / "s" / name)
+    weight_map = {k: name for name, ks in shards.items() for k in ks}
+    (tmp_path / "s" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "s" / "config.json").write_text(open(os.path.join(tiny_model_dir, "config.json")).read())
+    ids = torch.randint(0, 320, (1, 5))
+    torch.testing.assert_close(from_pretrained(str(tmp_path / "s"))(ids), from_pretrained(tiny_model_dir)(ids))
+
+
+def test_num_layers_keeps_the_first_blocks(tiny_model_dir):
+    full, cut = from_pretrained(tiny_model_dir), from_pretrained(tiny_model_dir, num_layers=1)
+    assert len(cut.gpt_neox.layers) == 1 and cut.config.num_hidden_layers == 1
+    torch.testing.assert_close(cut.gpt_neox.layers[0].state_dict(), full.gpt_neox.layers[0].state_dict())
+    with pytest.raises(UserError, match="--num-layers 5 is out of range"):
+        from_pretrained(tiny_model_dir, num_layers=5)
+
+
+def test_new_rope_parameters_spelling(tiny_model_dir, tmp_path):
+    config = json.loads(open(os.path.join(tiny_model_dir, "config.json")).read())
+    for key in ("rotary_pct", "rotary_emb_base", "partial_rotary_factor", "rope_theta"):
+        config.pop(key)
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 777.0, "partial_rotary_factor": 0.5}
+    os.makedirs(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    os.link(os.path.join(tiny_model_dir, "model.safetensors"), tmp_path / "m" / "model.safetensors")
+    model = from_pretrained(str(tmp_path / "m"))
+    assert (model.config.rotary_pct, model.config.rotary_emb_base) == (0.5, 777.0)
+
+
+def test_bad_checkpoints_are_one_sentence_errors(tiny_model_dir, tmp_path):
+    def folder(name, config=None, tensors=None):
+        os.makedirs(tmp_path / name)
+        cfg = json.loads(open(os.path.join(tiny_model_dir, "config.json")).read())
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+        if tensors is not None:
+            save_file(tensors, tmp_path / name / "model.safetensors")
+        return str(tmp_path / name)
+
+    sd = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    with pytest.raises(UserError, match="does not exist"):
+        from_pretrained(str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="only supports GPT-NeoX"):
+        from_pretrained(folder("llama", {"model_type": "llama"}, sd))
+    with pytest.raises(UserError, match="'embed_out.weight' is missing"):
+        from_pretrained(folder("missing", tensors={k: v for k, v in sd.items() if k != "embed_out.weight"}))
+    with pytest.raises(UserError, match=r"has shape \(320, 31\)"):
+        from_pretrained(folder("shape", tensors={**sd, "embed_out.weight": torch.zeros(320, 31)}))
+    with pytest.raises(UserError, match="unexpected tensor 'transformer.wte.weight'"):
+        from_pretrained(folder("extra", tensors={**sd, "transformer.wte.weight": torch.zeros(2)}))
+
+
+def test_pickle_weights_are_refused_never_loaded(tiny_model_dir, tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "PWNED"), "w"))
+    path = tmp_path / "pickled"
+    os.makedirs(path)
+    (path / "config.json").write_text(open(os.path.join(tiny_model_dir, "config.json")).read())
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(UserError, match="never unpickles"):
+        from_pretrained(str(path))
+    assert not (tmp_path / "PWNED").exists()

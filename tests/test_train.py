@@ -1,0 +1,70 @@
+"""train.py end to end, run as a user runs it: in a subprocess, on a tiny model."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, run_train
+from nanotune.lora import load_adapter
+from nanotune.model import from_pretrained
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_lora_run_lowers_the_loss_and_writes_a_loadable_adapter(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 30,
+                     "--batch-size", 4, "--lr", 1e-2, "--log-every", 5, "--eval-every", 10,
+                     "--eval-exact-match", 2, "--lora-dropout", 0)
+    assert "step 30/30" in proc.stdout and "ETA" in proc.stdout
+    rows = metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(losses) == 6 and losses[-1] < 0.9 * losses[0]
+    assert len(evals) == 3 and evals[-1] < evals[0]
+    assert sum("exact_match" in r for r in rows) == 2
+    assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    model = load_adapter(from_pretrained(tiny_model_dir), out / "adapter")
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_full_fine_tune_writes_an_hf_model(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 3,
+              "--batch-size", 4, "--no-lora", "--eval-exact-match", 0)
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "model"]
+    before, after = from_pretrained(tiny_model_dir), from_pretrained(str(out / "model"))
+    changed = [n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
+    assert len(changed) == len(before.state_dict())  # every weight trained
+
+
+def test_merge_writes_a_model_equal_to_the_adapted_one(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 5,
+              "--batch-size", 4, "--lr", 1e-2, "--merge", "--eval-exact-match", 0)
+    adapted = load_adapter(from_pretrained(tiny_model_dir), out / "adapter").eval()
+    merged = from_pretrained(str(out / "merged"))
+    ids = torch.randint(0, 320, (2, 8))
+    torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=1e-5)
+    assert os.path.exists(out / "merged" / "tokenizer.json")
+
+
+def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2,
+              "--batch-size", 4, "--eval-exact-match", 0)
+    proc = subprocess.run([sys.executable, "-m", "nanotune.generate", "--model", tiny_model_dir, "--adapter",
+                           str(out / "adapter"), "--prompt", "Reverse the words.", "--max-new-tokens", "5",
+                           "--temperature", "0.8", "--top-k", "5"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bad_input_is_one_line_and_nonzero(tiny_model_dir, tiny_data, tmp_path):
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path, "--lr", 0, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: --lr must be > 0, got 0.0"
+    proc = run_train("--model", tmp_path / "none", "--data", tiny_data, "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
