@@ -1,28 +1,38 @@
 """Fine-tune a GPT-NeoX (Pythia) model with LoRA or in full. The one entry point for every setup.
 
-    python train.py                                  # the default job: LoRA on the bundled tiny model
-    python train.py --model pythia-410m --data my.json --out runs/x
+    python train.py                                    # the default job: LoRA on the bundled tiny model
+    python train.py --model pythia-410m --data my.json --out runs/x --precision bf16
+    torchrun --nproc_per_node 4 train.py --strategy fsdp ...    # or ./launch.sh, for many nodes
 
-Read top to bottom: flags -> model -> LoRA -> optimizer -> data -> loop -> save.
+Read top to bottom: flags -> distributed init -> model -> LoRA -> precision -> wrap (DDP/FSDP)
+-> optimizer -> data -> resume -> loop (checkpoints) -> save.
 """
 import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
 import torch
 
 from nanotune import UserError
-from nanotune.checkpoint import atomic_dir
+from nanotune.checkpoint import atomic_dir, find_checkpoint, load_checkpoint, save_checkpoint
 from nanotune.data import Batches, collate, eos_id, load_examples, load_tokenizer, split
+from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, full_state_dict,
+                                  print0, wrap_ddp, wrap_fsdp)
 from nanotune.generate import generate
-from nanotune.lora import inject_lora, load_adapter, save_adapter, unload
+from nanotune.lora import inject_lora, load_adapter, save_adapter
+from nanotune.merge import merge_adapter
 from nanotune.model import from_pretrained, save_pretrained
+from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Flags that do not change the math of a run: a resume may change these and nothing else.
+RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
+             "keep", "merge"}
 
 
 def parse_args(argv=None):
@@ -62,9 +72,21 @@ def parse_args(argv=None):
     a("--warmup-steps", type=int, default=10, help="linear warm-up steps, then cosine decay to lr / 10")
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     a("--seed", type=int, default=42, help="seed for LoRA init, data order and dropout")
+    a("--precision", default="32", choices=PRECISIONS, help="32 | bf16 (bf16-mixed) | 16 (fp16-mixed) | bf16-true")
+    a = p.add_argument_group("distributed").add_argument
+    a("--strategy", default="auto", choices=["auto", "none", "ddp", "fsdp"],
+      help="auto: ddp when torchrun starts several processes, else none")
+    a("--fsdp-sharding", default="full", choices=["full", "grad-op", "hybrid"],
+      help="FULL_SHARD, SHARD_GRAD_OP, or HYBRID_SHARD (shard in a node, replicate across nodes)")
+    a("--fsdp-prefetch", action="store_true", help="prefetch the next block's weights in forward and backward")
+    a("--fsdp-offload", action="store_true", help="keep sharded parameters and gradients in CPU memory")
     a = p.add_argument_group("run").add_argument
-    a("--out", default="out", help="output folder: metrics.jsonl, adapter/ or model/")
+    a("--out", default="out", help="output folder: metrics.jsonl, checkpoints/, adapter/ or model/")
     a("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
+    a("--resume", nargs="?", const="latest",
+      help="continue from the newest checkpoint in --out, or from the checkpoint folder given")
+    a("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: never)")
+    a("--keep", type=int, default=2, help="keep the newest K checkpoints (0: all)")
     a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     a("--log-every", type=int, default=10, help="print and record the training loss every N steps")
     a("--eval-every", type=int, default=50, help="evaluate every N steps (0: only at the end)")
@@ -84,8 +106,26 @@ def check_args(args):
         raise UserError(f"--epochs must be > 0, got {args.epochs}")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not args.overwrite:
-        raise UserError(f"--out {args.out} holds a previous run; pass --overwrite to replace it or choose another --out")
+    if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not (args.overwrite or args.resume):
+        raise UserError(f"--out {args.out} holds a previous run; pass --resume to continue it, --overwrite to "
+                        "replace it, or choose another --out")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {args.out} is not writable ({e.strerror}); choose a folder you can write to") from None
+
+
+def check_resume(saved: dict, args, world_size: int):
+    """Refuse a resume whose flags would change the math of the run it continues."""
+    now = {**vars(args), "world_size": world_size}
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUMABLE and saved.get(key) != now.get(key):
+            flag = "the number of processes" if key == "world_size" else "--" + key.replace("_", "-")
+            raise UserError(f"cannot resume: {flag} was {saved.get(key)!r} in the checkpoint but is "
+                            f"{now.get(key)!r} now; a resumed run must repeat the original's flags")
 
 
 def lr_at(step, args, total):
@@ -97,131 +137,221 @@ def lr_at(step, args, total):
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, device):
-    """Mean loss per response token over the held-out rows."""
+def evaluate(model, examples, batch_size, pad_id, d, precision):
+    """Mean loss per response token over the held-out rows, each rank scoring a strided share.
+    Shares are padded to equal length with a row that trains nothing, so under FSDP every rank
+    runs the same number of forwards (each one is a collective)."""
     model.eval()
+    mine = examples[d.rank::d.world_size]
+    blank = type(examples[0])(examples[0].tokens, [False] * len(examples[0].tokens), [], "")
+    mine += [blank] * (math.ceil(len(examples) / d.world_size) - len(mine))
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        input_ids, labels = collate(examples[i:i + batch_size], pad_id)
-        total += float(model.loss_sum(input_ids.to(device), labels.to(device)))
+    for i in range(0, len(mine), batch_size):
+        input_ids, labels = collate(mine[i:i + batch_size], pad_id)
+        with precision.context(d.device):
+            total += float(model(input_ids.to(d.device), labels.to(d.device)))
         count += int((labels != -100).sum())
     model.train()
+    total, count = all_reduce_sum([total, count])
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def exact_match(model, examples, tokenizer, device):
-    """Share of rows whose greedy answer equals the reference response exactly."""
+def exact_match(model, examples, tokenizer, d, precision):
+    """Share of rows whose greedy answer equals the reference response exactly. Every rank
+    generates for every row: a sharded model needs all ranks in each forward."""
     model.eval()
     hits = 0
     for ex in examples:
         answer_len = len(tokenizer.encode(ex.reference, add_special_tokens=False).ids)
-        new = generate(model, ex.prompt, max_new_tokens=answer_len + 4, eos=eos_id(tokenizer))
+        with precision.context(d.device):
+            new = generate(model, ex.prompt, max_new_tokens=answer_len + 4, eos=eos_id(tokenizer))
         hits += tokenizer.decode(new).strip() == ex.reference.strip()
     model.train()
     return hits / max(len(examples), 1)
 
 
 class Metrics:
-    """Every logged figure goes to the terminal and, as one JSON object per line, to OUT/metrics.jsonl."""
+    """Every logged figure goes to the terminal and, as one JSON object per line, to OUT/metrics.jsonl
+    (rank 0 only). A resumed run first drops the lines the interrupted run wrote after its checkpoint."""
 
-    def __init__(self, out):
-        self.file = open(os.path.join(out, "metrics.jsonl"), "a")
+    def __init__(self, out, enabled, resume_step=None):
+        self.path, self.enabled = os.path.join(out, "metrics.jsonl"), enabled
+        if enabled and resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
 
     def log(self, text, **figures):
-        print(text, flush=True)
-        self.file.write(json.dumps(figures) + "\n")
-        self.file.flush()
+        print0(text)
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(figures) + "\n")
 
 
 def main(args):
     check_args(args)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    strategy, d = compute_init(args.strategy, args.device)
+    try:
+        train(args, strategy, d)
+    finally:
+        compute_cleanup()
 
-    # Model, then LoRA on top of it: the model file knows nothing of LoRA.
-    model = from_pretrained(args.model, num_layers=args.num_layers)
+
+def train(args, strategy, d):
+    precision = resolve(args.precision, d.device)
+    torch.manual_seed(args.seed)
+
+    # Model. Under FSDP only rank 0 reads the checkpoint; the others build it on the meta device
+    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading).
+    on_meta = strategy == "fsdp" and not d.is_main
+    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else "cpu")
     tokenizer = load_tokenizer(args.model)
     if args.adapter:
         load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
     elif args.lora:
         inject_lora(model, args.lora_target, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
                     args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)
-    model.to(device).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train, n_all = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
-    print(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
-          f"({100 * n_train / n_all:.2f}%), on {device}")
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        model.requires_grad_(True)
+    core = model  # the unwrapped model: its config, lora_config and parameter names
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_train = sum(p.numel() for _, p in named_trainable)
+    n_all = sum(p.numel() for p in model.parameters())
+
+    # Precision, then the distributed wrapper.
+    if strategy == "fsdp":
+        full = model.state_dict() if d.is_main else None
+        mixed = precision.compute_dtype if precision.autocast else None
+        model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed, full)
+        named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # now sharded
+    else:
+        model = cast_frozen(model, precision).to(d.device)
+        if strategy == "ddp":
+            model = wrap_ddp(model, d)
+    model.train()
+    print0(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
+           f"({100 * n_train / n_all:.2f}%); precision {precision.name}; strategy {strategy}, "
+           f"{d.world_size} process(es) on {d.device.type}")
+    optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=args.lr, weight_decay=args.weight_decay)
+    scaler = precision.scaler(d.device)
 
     # Data: tokenized once, then read in a seeded order that is a pure function of the step.
     pad_id = tokenizer.token_to_id("<|padding|>") or eos_id(tokenizer)
-    examples = load_examples(args.data, tokenizer, args.max_seq_len, args.train_on_prompt)
+    examples = load_examples(args.data, tokenizer, args.max_seq_len, args.train_on_prompt, log=print0)
     if args.val_data:
-        train, val = examples, load_examples(args.val_data, tokenizer, args.max_seq_len, args.train_on_prompt)
+        train_rows, val = examples, load_examples(args.val_data, tokenizer, args.max_seq_len,
+                                                  args.train_on_prompt, log=print0)
     else:
-        train, val = split(examples, args.val_fraction, args.seed)
-    batches = Batches(train, args.batch_size, args.grad_accum, seed=args.seed, pad_id=pad_id)
+        train_rows, val = split(examples, args.val_fraction, args.seed)
+    batches = Batches(train_rows, args.batch_size, args.grad_accum, d.world_size, d.rank, args.seed, pad_id)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
-    print(f"training: {len(train)} rows, {len(val)} held out; global batch {batches.global_batch} rows "
-          f"(micro-batch {args.batch_size} x grad-accum {args.grad_accum}); {total} steps")
+    print0(f"training: {len(train_rows)} rows, {len(val)} held out; global batch {batches.global_batch} rows "
+           f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {d.world_size} process(es); "
+           f"{total} steps")
 
-    os.makedirs(args.out, exist_ok=True)
-    if args.overwrite and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-        os.remove(os.path.join(args.out, "metrics.jsonl"))
-    metrics = Metrics(args.out)
+    # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
+    start_step = 0
+    if args.overwrite and not args.resume and d.is_main:
+        for name in ("metrics.jsonl", "checkpoints", "adapter", "model", "merged"):
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    barrier()
+    checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
+    if checkpoint:
+        owns_state = strategy == "fsdp"
+        trainer = load_checkpoint(checkpoint, named_trainable, optimizer, owns_state, d.rank)
+        check_resume(trainer["args"], args, d.world_size)
+        start_step = trainer["step"]
+        if scaler and trainer["scaler"]:
+            scaler.load_state_dict(trainer["scaler"])
+        print0(f"resumed from {checkpoint} at step {start_step}")
+    elif args.resume:
+        print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
+    metrics = Metrics(args.out, d.is_main, start_step if checkpoint else None)
+
     scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
-    if scored:
-        acc = exact_match(model, scored, tokenizer, device)
-        metrics.log(f"before training: exact match {acc:.1%} on {len(scored)} held-out rows",
-                    step=0, exact_match=acc)
+    if scored and not checkpoint:
+        acc = exact_match(model, scored, tokenizer, d, precision)
+        metrics.log(f"before training: exact match {acc:.1%} on {len(scored)} held-out rows", step=0,
+                    exact_match=acc)
 
-    start = time.time()
-    tokens_seen = 0
-    for step in range(total):
+    clock, tokens_seen = time.time(), 0
+    for step in range(start_step, total):
         lr = lr_at(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro, n_tokens = batches.step(step)
         step_loss = 0.0
-        for input_ids, labels in micro:
-            # Dividing by the global batch's token count makes the accumulated gradient the mean
-            # over every trained token of the step, however the rows are split.
-            loss = model.loss_sum(input_ids.to(device), labels.to(device)) / n_tokens
-            loss.backward()
-            step_loss += loss.item()
-            tokens_seen += input_ids.numel()
+        for i, (input_ids, labels) in enumerate(micro):
+            # Dividing by the global batch's token count (times the world size, since DDP and FSDP
+            # average gradients over ranks) makes the gradient the mean over every trained token of
+            # the step, however rows are split over micro-batches and ranks.
+            last = i == len(micro) - 1
+            if strategy == "ddp":  # all-reduce gradients only on the last micro-batch
+                model.require_backward_grad_sync = last
+            elif strategy == "fsdp":
+                model.set_requires_gradient_sync(last)
+            with precision.context(d.device):
+                loss = model(input_ids.to(d.device), labels.to(d.device)) * (d.world_size / n_tokens)
+            (scaler.scale(loss) if scaler else loss).backward()
+            step_loss += loss.item() / d.world_size
+            tokens_seen += input_ids.numel() * d.world_size
+        step_loss = all_reduce_sum([step_loss])[0]
+        if not math.isfinite(step_loss):
+            last_good = find_checkpoint(args.out, "latest")
+            raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
+                            f"{last_good or 'none'}. Lower --lr, or use --precision 32 or bf16")
+        if scaler:
+            scaler.unscale_(optimizer)
         if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-        optimizer.step()
+            torch.nn.utils.clip_grad_norm_([p for _, p in named_trainable], args.max_grad_norm)
+        if scaler:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            if scaler.get_scale() < scale:
+                print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {scaler.get_scale()}")
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         if done % args.log_every == 0 or done == total:
-            elapsed = time.time() - start
+            elapsed = time.time() - clock
             metrics.log(f"step {done}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
                         f"{tokens_seen / elapsed:.0f} tok/s | {elapsed:.0f}s elapsed, "
-                        f"ETA {elapsed / done * (total - done):.0f}s",
+                        f"ETA {elapsed / (done - start_step) * (total - done):.0f}s",
                         step=done, loss=step_loss, lr=lr, tokens_per_s=tokens_seen / elapsed)
         if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
-            val_loss = evaluate(model, val, args.batch_size, pad_id, device)
+            val_loss = evaluate(model, val, args.batch_size, pad_id, d, precision)
             metrics.log(f"step {done}: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
                         step=done, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
+        if args.save_every and done % args.save_every == 0 and done < total:
+            trainer = {"step": done, "args": {**vars(args), "world_size": d.world_size},
+                       "scaler": scaler.state_dict() if scaler else None}
+            path = save_checkpoint(args.out, done, named_trainable, optimizer, trainer,
+                                   strategy == "fsdp" or d.is_main, d.rank, args.keep)
+            print0(f"step {done}: checkpoint {path}")
     if scored:
-        acc = exact_match(model, scored, tokenizer, device)
-        metrics.log(f"after training: exact match {acc:.1%} on {len(scored)} held-out rows",
-                    step=total, exact_match=acc)
+        acc = exact_match(model, scored, tokenizer, d, precision)
+        metrics.log(f"after training: exact match {acc:.1%} on {len(scored)} held-out rows", step=total,
+                    exact_match=acc)
 
-    # Outputs, each written to a temporary folder and renamed into place when complete.
-    if args.lora or args.adapter:
-        with atomic_dir(os.path.join(args.out, "adapter")) as tmp:
-            save_adapter(model, tmp)
-        print(f"saved the adapter to {os.path.join(args.out, 'adapter')}")
-    if not (args.lora or args.adapter) or args.merge:
-        name = "merged" if (args.lora or args.adapter) else "model"
+    # Outputs: gathered to rank 0 (FSDP), written to a temporary folder, renamed into place.
+    state = full_state_dict(model, strategy)
+    if d.is_main:
+        name = "adapter" if args.lora or args.adapter else "model"
         with atomic_dir(os.path.join(args.out, name)) as tmp:
-            save_pretrained(unload(model), tmp)
-        print(f"saved the {'merged ' if name == 'merged' else ''}model to {os.path.join(args.out, name)}")
+            (save_adapter if name == "adapter" else save_pretrained)(core, tmp, state)
+        print0(f"saved {os.path.join(args.out, name)}")
+        if args.merge and name == "adapter":
+            merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
+                          args.num_layers)
+            print0(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)")
+    barrier()
 
 
 if __name__ == "__main__":

@@ -4,10 +4,19 @@ Every folder nanotune writes (adapter, model, checkpoint) is built under a tempo
 its destination, its files fsynced, then renamed into place: a crash mid-save leaves at worst a
 stray temporary folder, never a destination that looks finished and is not.
 """
+import json
 import os
+import random
 import shutil
 import tempfile
 from contextlib import contextmanager
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanotune import UserError
+from nanotune.distributed import barrier, like, local
 
 
 def fsync_tree(path):
@@ -46,3 +55,120 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- Training checkpoints: OUT/checkpoints/step-N/ ------------------------------------------------
+#   trainer.json           rank 0: step, flags, data position, loss-scaler state, world size
+#   state-rank{r}.safetensors  trainable weights and AdamW moments. Under FSDP every rank writes
+#                          its own shard; otherwise all ranks hold the same values and rank 0 writes.
+#   rng-rank{r}.safetensors / rng-rank{r}.json  each rank's torch (CPU, CUDA), python, numpy RNG
+# A `latest` file names the newest complete step-N; it is replaced (atomically) after the folder
+# is renamed into place, so it never points at a half-written checkpoint.
+
+def rng_state():
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    return tensors, {"python": [py[0], list(py[1]), py[2]],
+                     "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
+
+
+def set_rng_state(tensors, plain):
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(out, step, named_trainable, optimizer, trainer, owns_state, rank, keep):
+    """Every rank calls this. Files go to a temporary folder that rank 0 renames into place once
+    all ranks have fsynced theirs (checkpoints in multi-node runs need a shared filesystem)."""
+    root = os.path.join(out, "checkpoints")
+    final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f".step-{step}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
+        os.makedirs(tmp)
+    barrier()
+    if owns_state:
+        tensors = {}
+        for name, p in named_trainable:
+            tensors[f"param.{name}"] = local(p.detach()).cpu().contiguous()
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"adam.{name}.{key}"] = local(value).cpu().contiguous()
+        save_file(tensors, os.path.join(tmp, f"state-rank{rank}.safetensors"))
+    rng_tensors, rng_plain = rng_state()
+    save_file(rng_tensors, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+    write_json(os.path.join(tmp, f"rng-rank{rank}.json"), rng_plain)
+    if rank == 0:
+        write_json(os.path.join(tmp, "trainer.json"), trainer)
+    for name in os.listdir(tmp):
+        if name.endswith(f"rank{rank}.safetensors") or name.endswith(f"rank{rank}.json") or rank == 0:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        write_json(os.path.join(root, "latest.tmp"), {"checkpoint": f"step-{step}"})
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+        fsync_dir(root)
+        for old in sorted(complete_checkpoints(root))[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, f"step-{old}"))
+    barrier()
+    return final
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def complete_checkpoints(root):
+    """Steps of the checkpoints that were renamed into place (complete by construction)."""
+    if not os.path.isdir(root):
+        return []
+    return [int(n[5:]) for n in os.listdir(root)
+            if n.startswith("step-") and n[5:].isdigit() and os.path.exists(os.path.join(root, n, "trainer.json"))]
+
+
+def find_checkpoint(out, resume):
+    """--resume alone: the newest complete checkpoint in OUT (None if there is none); --resume DIR: DIR."""
+    if resume != "latest":
+        if not os.path.exists(os.path.join(resume, "trainer.json")):
+            raise UserError(f"--resume {resume} is not a complete nanotune checkpoint (no trainer.json)")
+        return resume
+    root = os.path.join(out, "checkpoints")
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            path = os.path.join(root, json.load(f)["checkpoint"])
+        if os.path.exists(os.path.join(path, "trainer.json")):
+            return path
+    except (OSError, ValueError, KeyError):
+        pass
+    steps = complete_checkpoints(root)  # the pointer is missing or stale: fall back to a scan
+    return os.path.join(root, f"step-{max(steps)}") if steps else None
+
+
+def load_checkpoint(path, named_trainable, optimizer, owns_state, rank):
+    """Restore weights, AdamW moments and this rank's RNG; return trainer.json's contents."""
+    with open(os.path.join(path, "trainer.json")) as f:
+        trainer = json.load(f)
+    tensors = load_file(os.path.join(path, f"state-rank{rank if owns_state else 0}.safetensors"))
+    with torch.no_grad():
+        for name, p in named_trainable:
+            local(p).copy_(tensors[f"param.{name}"])
+            state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")}
+            if state:
+                optimizer.state[p] = {k: v if k == "step" else like(p, v) for k, v in state.items()}
+    rng = os.path.join(path, f"rng-rank{rank}")
+    with open(rng + ".json") as f:
+        set_rng_state(load_file(rng + ".safetensors"), json.load(f))
+    return trainer

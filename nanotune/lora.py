@@ -21,6 +21,9 @@ from nanotune import UserError
 BIAS_MODES = ("none", "all", "lora_only")
 OUTPUT_HEADS = ("embed_out", "lm_head")  # never adapted by "all-linear", as in PEFT
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+# transformers 5 calls GPT-NeoX's output head `lm_head` in memory (the checkpoint still says
+# embed_out), so a PEFT adapter that saves the head may use either name. We write both, read either.
+HEAD_ALIASES = {"lm_head": "embed_out"}
 
 
 class LoRALinear(nn.Module):
@@ -117,7 +120,9 @@ def inject_lora(model: nn.Module, target_modules=("query_key_value",), r=8, alph
         owner = model.get_submodule(parent)
         setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout, rslora, dtype))
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                         "target_modules": list(target_modules), "bias": bias,
+                         # PEFT accepts "all-linear" only as a string, not in a list
+                         "target_modules": "all-linear" if list(target_modules) == ["all-linear"]
+                         else list(target_modules), "bias": bias,
                          "modules_to_save": list(modules_to_save) or None, "use_rslora": rslora,
                          "layers_to_transform": list(layers) if layers is not None else None}
     for name, p in model.named_parameters():
@@ -162,19 +167,20 @@ def unload(model):
     return model
 
 
-def adapter_state_dict(model) -> dict:
-    """The adapter's tensors under PEFT's key names."""
-    return {PEFT_PREFIX + n: p.detach().contiguous().cpu()
-            for n, p in model.named_parameters() if is_adapter_param(n, model.lora_config)}
-
-
-def save_adapter(model, path: str, base_model_name_or_path: str = None):
-    """Write adapter_config.json + adapter_model.safetensors, the files peft.PeftModel.from_pretrained reads."""
-    os.makedirs(path, exist_ok=True)
-    save_file(adapter_state_dict(model), os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+def save_adapter(model, path: str, state_dict: dict = None):
+    """Write adapter_config.json + adapter_model.safetensors, the files peft.PeftModel.from_pretrained
+    reads. state_dict: the model's full state when it is sharded (FSDP gathers it for us)."""
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {PEFT_PREFIX + k: v.detach().cpu().contiguous()
+               for k, v in state.items() if is_adapter_param(k, model.lora_config)}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **model.lora_config, "fan_in_fan_out": False,
-              "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
-              "inference_mode": True}
+              "base_model_name_or_path": getattr(model, "name_or_path", None), "inference_mode": True}
+    for alias, name in HEAD_ALIASES.items():
+        if name in (config["modules_to_save"] or []):
+            config["modules_to_save"] = config["modules_to_save"] + [alias]
+            tensors[PEFT_PREFIX + alias + ".weight"] = tensors[PEFT_PREFIX + name + ".weight"].clone()
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -190,15 +196,21 @@ def load_adapter(model, path: str, dtype=torch.float32):
                         "adapter_config.json and adapter_model.safetensors") from None
     if config.get("peft_type") != "LORA":
         raise UserError(f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    to_save = list(dict.fromkeys(HEAD_ALIASES.get(m, m) for m in config.get("modules_to_save") or ()))
     inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
-                config.get("bias", "none"), config.get("modules_to_save") or (), dtype,
+                config.get("bias", "none"), to_save, dtype,
                 config.get("use_rslora", False), config.get("layers_to_transform"))
     expected = {PEFT_PREFIX + n: p for n, p in model.named_parameters() if is_adapter_param(n, model.lora_config)}
     weights = os.path.join(path, "adapter_model.safetensors")
     if not os.path.exists(weights):
         raise UserError(f"{weights} is missing (nanotune reads adapters only as safetensors, never pickle)")
+    found = {}
     with safe_open(weights, framework="pt") as f:
-        found = {k.replace(".default.", "."): f.get_tensor(k) for k in f.keys()}
+        for key in f.keys():
+            name = key.replace(".default.", ".")  # PEFT's adapter name, if it was kept
+            for alias, head in HEAD_ALIASES.items():
+                name = name.replace(PEFT_PREFIX + alias + ".", PEFT_PREFIX + head + ".")
+            found[name] = f.get_tensor(key)
     for key, p in expected.items():
         if key not in found:
             raise UserError(f"{weights} lacks {key!r}: the adapter does not fit this model")

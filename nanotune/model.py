@@ -162,8 +162,12 @@ class GPTNeoX(nn.Module):
             x = block(x, cos, sin)
         return self.gpt_neox.final_layer_norm(x)
 
-    def forward(self, input_ids):
-        return self.embed_out(self.hidden_states(input_ids))  # (B, T, V)
+    def forward(self, input_ids, labels=None):
+        """Logits (B, T, V); or, given labels, the summed loss (see loss_sum). Training goes through
+        forward, not loss_sum directly, because DDP and FSDP hook the wrapped module's forward."""
+        if labels is not None:
+            return self.loss_sum(input_ids, labels)
+        return self.embed_out(self.hidden_states(input_ids))
 
     def loss_sum(self, input_ids, labels, chunk=1024):
         """Summed next-token cross-entropy over positions whose label is not -100 (fp32 scalar).
@@ -216,7 +220,8 @@ def safetensors_files(path: str) -> list:
 
 def from_pretrained(path, num_layers=-1, dtype=None, device="cpu") -> GPTNeoX:
     """Load a Hugging Face GPT-NeoX folder. num_layers=N keeps only the first N blocks (-1: all).
-    dtype defaults to float32, whatever the checkpoint stores."""
+    dtype defaults to float32, whatever the checkpoint stores. device="meta" builds the model
+    without reading a single weight (FSDP ranks that receive theirs from rank 0)."""
     config = read_config(path)
     if num_layers != -1:
         if not 1 <= num_layers <= config.num_hidden_layers:
@@ -225,6 +230,9 @@ def from_pretrained(path, num_layers=-1, dtype=None, device="cpu") -> GPTNeoX:
         config.num_hidden_layers = num_layers
     with torch.device("meta"):  # no memory for weights we are about to overwrite
         model = GPTNeoX(config)
+    model.name_or_path = path
+    if str(device) == "meta":
+        return model.to(dtype or torch.float32)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("embed_out.weight")
@@ -249,14 +257,15 @@ def from_pretrained(path, num_layers=-1, dtype=None, device="cpu") -> GPTNeoX:
     model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
     if config.tie_word_embeddings:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
-    model.name_or_path = path
     return model.to(dtype or torch.float32)
 
 
-def save_pretrained(model: GPTNeoX, path: str):
-    """Write config.json, model.safetensors and (if the source folder had one) tokenizer.json."""
+def save_pretrained(model: GPTNeoX, path: str, state_dict: dict = None):
+    """Write config.json, model.safetensors and (if the source folder had one) tokenizer.json.
+    state_dict: the model's full state when it is sharded (FSDP gathers it for us)."""
     os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # safetensors refuses shared storage; transformers re-ties on load
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,37 @@
+"""Fold a LoRA adapter into its base: python -m nanotune.merge --model DIR --adapter DIR --out DIR
+
+The result is a plain HF-layout GPT-NeoX folder (config.json, model.safetensors, tokenizer.json)
+whose logits equal the adapted model's, loadable by transformers with no peft installed.
+"""
+import argparse
+import os
+import sys
+
+from nanotune import UserError
+from nanotune.checkpoint import atomic_dir
+from nanotune.lora import load_adapter, unload
+from nanotune.model import from_pretrained, save_pretrained
+
+
+def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1):
+    model = load_adapter(from_pretrained(model_dir, num_layers=num_layers), adapter_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_pretrained(unload(model), tmp)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="the base model folder the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder")
+    p.add_argument("--out", required=True, help="where to write the merged model")
+    p.add_argument("--num-layers", type=int, default=-1, help="the --num-layers the adapter was trained with")
+    args = p.parse_args(argv)
+    try:
+        merge_adapter(args.model, args.adapter, args.out, args.num_layers)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"merged {args.adapter} into {args.model}: {os.path.abspath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

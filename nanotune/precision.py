@@ -1,0 +1,63 @@
+"""The precision switch: one string decides weight dtypes, autocast and loss scaling.
+
+  32 / 32-true      fp32 weights and compute
+  bf16 / bf16-mixed fp32 trainable weights, matmuls autocast to bf16
+  16 / 16-mixed     same with fp16, plus a gradient scaler (fp16's small range underflows gradients)
+  bf16-true         every weight and all compute in bf16, for the biggest models
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from nanotune import UserError
+
+ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed"}
+CHOICES = ["32", "16", "bf16", "32-true", "16-mixed", "bf16-mixed", "bf16-true"]
+
+
+@dataclass
+class Precision:
+    name: str
+    compute_dtype: torch.dtype  # what matmuls run in
+    autocast: bool  # mixed: weights stay fp32, torch.autocast casts per operation
+
+    def context(self, device: torch.device):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
+
+    def scaler(self, device: torch.device):
+        """fp16-mixed scales the loss so small gradients survive fp16; it skips a step whose
+        gradients overflowed and lowers the scale. Other modes need no scaler."""
+        return torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
+
+
+def resolve(name: str, device: torch.device) -> Precision:
+    name = ALIASES.get(name, name)
+    if name not in CHOICES:
+        raise UserError(f"--precision {name!r} is not one of {', '.join(CHOICES)}")
+    if name == "16-mixed" and device.type == "cpu":
+        raise UserError("--precision 16 is refused on a CPU: fp16 matmuls there run hundreds of times slower "
+                        "than fp32; use --precision bf16 (or 32)")
+    dtype = {"32-true": torch.float32, "16-mixed": torch.float16}.get(name, torch.bfloat16)
+    return Precision(name, dtype, autocast=name.endswith("-mixed"))
+
+
+def cast_frozen(model: nn.Module, p: Precision):
+    """Store frozen weights in the compute dtype where that changes no result.
+
+    Under autocast a Linear's weight and bias are cast to the compute dtype on every call anyway,
+    so keeping the frozen ones there is exact and saves the cast and the memory. Norms and
+    embeddings run in their own dtype, so they stay. bf16-true casts everything but LoRA's weights
+    (which keep --lora-dtype)."""
+    if p.name == "32-true":
+        return model
+    for name, module in model.named_modules():
+        if p.name == "bf16-true" and ".lora_" not in name + ".":
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(p.compute_dtype)
+        elif type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()):
+            module.to(p.compute_dtype)
+    return model

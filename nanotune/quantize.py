@@ -1,0 +1,108 @@
+"""Quantized frozen base weights: int8 (LLM.int8(), Dettmers et al. 2022, arXiv:2208.07339) and 4-bit NF4
+(QLoRA, Dettmers et al. 2023, arXiv:2305.14314), through bitsandbytes.
+
+`quantize` is a transform like `inject_lora`: it swaps each nn.Linear for a bitsandbytes layer holding
+frozen quantized weights. Call it before `inject_lora`, so every LoRALinear wraps a quantized
+`base_layer`: the adapter trains in full precision on top of the rounded base. `dequantize` swaps plain
+fp32 Linears back in (rounding included) so that `lora.unload` can merge and `save_pretrained` export.
+bitsandbytes is optional and imported only here, only when asked for.
+"""
+import logging
+import warnings
+
+import torch
+import torch.nn as nn
+
+from nanotune import UserError
+
+
+def _bitsandbytes():
+    # On avx512_bf16 CPUs bitsandbytes logs at import that an optional kernel for its 4-bit inference
+    # path is missing; quantize() turns that path off (see below), so the warning would only mislead.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UserError("--load-in-8bit/--load-in-4bit need bitsandbytes: pip install nanotune[int8]") from None
+    return bitsandbytes
+
+
+def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_quant=False, skip=("embed_out",)):
+    """Replace every nn.Linear but LoRA's and those named in `skip` (the output head, as in QLoRA) by a
+    frozen bitsandbytes layer: Linear8bitLt (bits=8) or NF4 Linear4bit computing in `compute_dtype` (bits=4).
+    double_quant also quantizes the 4-bit block scales (QLoRA sec. 3). Works on CPU and CUDA, on the
+    device the weights are on. Cast the model to its final dtype before, never after: see quant_storage.
+    Returns the model."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    bnb = _bitsandbytes()
+    for name, m in list(model.named_modules()):
+        if type(m) is not nn.Linear or name.split(".")[-1] in ("lora_A", "lora_B", *skip):
+            continue  # `type is`, not isinstance: bitsandbytes' layers are nn.Linear subclasses
+        w = m.weight.detach()  # (out, in)
+        shape = (m.in_features, m.out_features, m.bias is not None)
+        if bits == 8:
+            # threshold=6.0: input columns with an outlier above 6 take an fp16 matmul (LLM.int8() sec. 3.2).
+            q = bnb.nn.Linear8bitLt(*shape, has_fp16_weights=False, threshold=6.0, device="meta")
+            # Row-wise absmax: CB (out, in) int8 = round(127 * W / SCB), SCB (out,) fp32 row maxima.
+            # Quantizing here rather than through Int8Params.to(device), which quantizes only CPU tensors.
+            CB, SCB, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
+            q.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+        else:
+            # quant_storage: the packed 4-bit codes ((out * in / 2) bytes, two per byte) are stored as a
+            # tensor of the weights' own float dtype, viewed bytewise. FSDP flattens all parameters of a
+            # unit into one tensor of one dtype, so this is what lets it shard the base weight alongside
+            # the bf16 (or fp32) norms and LoRA weights (the QLoRA+FSDP recipe). The price: a dtype cast
+            # after quantize() would convert the codes as if they were numbers and destroy them.
+            q = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
+                                  quant_type="nf4", quant_storage=w.dtype, device="meta")
+            # Params4bit quantizes (blocks of 64, one absmax each) when moved to a device, CPU included.
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant,
+                                         quant_type="nf4", quant_storage=w.dtype, module=q).to(w.device)
+            # On avx512_bf16 CPUs a Linear4bit in eval() whose input needs no grad repacks its weight, in
+            # place and for good, for a bf16 inference kernel with no backward. An evaluation inside
+            # training (model.eval() under no_grad) would thus cut the graph through every base layer of
+            # the training steps after it. Turning the path off keeps one layout, and evaluation computes
+            # exactly as training does (dequantize, then matmul in compute_dtype).
+            q.support_avx512bf16_for_cpu = False
+        q.bias = m.bias  # biases stay in full precision, trainable if inject_lora's bias mode says so
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+    return model
+
+
+def dequantized_weight(bnb, layer) -> torch.Tensor:
+    """The (out, in) fp32 weight a bitsandbytes layer computes with."""
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        # After the first forward, bitsandbytes moves the row scales from the weight to layer.state.
+        SCB = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(layer.weight.data, SCB).float()  # CB * SCB / 127
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+
+
+def dequantize(model: nn.Module):
+    """Replace every bitsandbytes Linear (a LoRALinear's base_layer included) by a plain frozen fp32
+    nn.Linear holding its dequantized weight. Then lora.unload + save_pretrained export an HF model,
+    which computes what the quantized model trained with. Returns the model."""
+    bnb = _bitsandbytes()
+    replaced = 0
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+            continue
+        linear = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta")
+        linear.weight = nn.Parameter(dequantized_weight(bnb, m), requires_grad=False)
+        if m.bias is not None:
+            linear.bias = nn.Parameter(m.bias.detach().float(), requires_grad=m.bias.requires_grad)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+        replaced += 1
+    if replaced:
+        warnings.warn(f"dequantized {replaced} Linear layers: the merged weights carry the quantization rounding "
+                      "the adapter was trained on, not the original full-precision weights", stacklevel=2)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, quantization state included (int8 row scales, 4-bit block
+    absmax): what model.state_dict() holds. A tensor shared by several keys (tied weights) counts once."""
+    return sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
