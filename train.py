@@ -18,7 +18,7 @@ import time
 import torch
 
 from nanotune import UserError
-from nanotune.checkpoint import atomic_dir, find_checkpoint, load_checkpoint, save_checkpoint
+from nanotune.checkpoint import atomic_dir, find_checkpoint, load_checkpoint, read_trainer, save_checkpoint
 from nanotune.data import Batches, collate, eos_id, load_examples, load_tokenizer, split
 from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, full_state_dict,
                                   print0, wrap_ddp, wrap_fsdp)
@@ -27,6 +27,7 @@ from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.model import from_pretrained, save_pretrained
 from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
+from nanotune.quantize import quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,6 +74,10 @@ def parse_args(argv=None):
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     a("--seed", type=int, default=42, help="seed for LoRA init, data order and dropout")
     a("--precision", default="32", choices=PRECISIONS, help="32 | bf16 (bf16-mixed) | 16 (fp16-mixed) | bf16-true")
+    a = p.add_argument_group("quantized base (needs bitsandbytes: pip install nanotune[int8])").add_argument
+    a("--load-in-8bit", action="store_true", help="hold the frozen base Linears in int8 (LLM.int8())")
+    a("--load-in-4bit", action="store_true", help="hold the frozen base Linears in 4-bit NF4 (QLoRA)")
+    a("--double-quant", action="store_true", help="with --load-in-4bit, also quantize the block scales")
     a = p.add_argument_group("distributed").add_argument
     a("--strategy", default="auto", choices=["auto", "none", "ddp", "fsdp"],
       help="auto: ddp when torchrun starts several processes, else none")
@@ -104,6 +109,12 @@ def check_args(args):
         raise UserError(f"--max-steps must be >= 1 (or -1 to use --epochs), got {args.max_steps}")
     if args.max_steps == -1 and not args.epochs > 0:
         raise UserError(f"--epochs must be > 0, got {args.epochs}")
+    if args.load_in_8bit and args.load_in_4bit:
+        raise UserError("--load-in-8bit and --load-in-4bit contradict each other; choose one")
+    if (args.load_in_8bit or args.load_in_4bit) and not (args.lora or args.adapter):
+        raise UserError("a quantized base cannot be trained in full; drop --no-lora or the --load-in-* flag")
+    if args.double_quant and not args.load_in_4bit:
+        raise UserError("--double-quant applies to --load-in-4bit only")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not (args.overwrite or args.resume):
@@ -202,13 +213,24 @@ def main(args):
 
 def train(args, strategy, d):
     precision = resolve(args.precision, d.device)
+    if args.load_in_8bit and strategy == "fsdp":
+        raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
+                        "FSDP cannot split); use --strategy ddp, or --load-in-4bit with FSDP")
+    if args.fsdp_offload and (strategy != "fsdp" or d.device.type != "cuda"):
+        raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
+                        "on CUDA (on a CPU run the weights are in CPU memory already)")
     torch.manual_seed(args.seed)
 
     # Model. Under FSDP only rank 0 reads the checkpoint; the others build it on the meta device
-    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading).
-    on_meta = strategy == "fsdp" and not d.is_main
-    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else "cpu")
+    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading). A 4-bit
+    # base is the exception: each rank quantizes real weights itself (quantization is deterministic).
+    quant_bits = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
+    broadcast = strategy == "fsdp" and quant_bits is None
+    on_meta = broadcast and not d.is_main
+    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else d.device)
     tokenizer = load_tokenizer(args.model)
+    if quant_bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
+        quantize(model, quant_bits, precision.compute_dtype, args.double_quant)
     if args.adapter:
         load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
     elif args.lora:
@@ -223,7 +245,7 @@ def train(args, strategy, d):
 
     # Precision, then the distributed wrapper.
     if strategy == "fsdp":
-        full = model.state_dict() if d.is_main else None
+        full = model.state_dict() if d.is_main and broadcast else None
         mixed = precision.compute_dtype if precision.autocast else None
         model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed, full)
         named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # now sharded
@@ -261,9 +283,9 @@ def train(args, strategy, d):
     barrier()
     checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
     if checkpoint:
-        owns_state = strategy == "fsdp"
-        trainer = load_checkpoint(checkpoint, named_trainable, optimizer, owns_state, d.rank)
+        trainer = read_trainer(checkpoint)
         check_resume(trainer["args"], args, d.world_size)
+        load_checkpoint(checkpoint, named_trainable, optimizer, strategy == "fsdp", d.rank)
         start_step = trainer["step"]
         if scaler and trainer["scaler"]:
             scaler.load_state_dict(trainer["scaler"])
@@ -349,7 +371,7 @@ def train(args, strategy, d):
         print0(f"saved {os.path.join(args.out, name)}")
         if args.merge and name == "adapter":
             merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
-                          args.num_layers)
+                          args.num_layers, quant_bits)
             print0(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)")
     barrier()
 

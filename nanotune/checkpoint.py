@@ -157,10 +157,13 @@ def find_checkpoint(out, resume):
     return os.path.join(root, f"step-{max(steps)}") if steps else None
 
 
-def load_checkpoint(path, named_trainable, optimizer, owns_state, rank):
-    """Restore weights, AdamW moments and this rank's RNG; return trainer.json's contents."""
+def read_trainer(path):
     with open(os.path.join(path, "trainer.json")) as f:
-        trainer = json.load(f)
+        return json.load(f)
+
+
+def load_checkpoint(path, named_trainable, optimizer, owns_state, rank):
+    """Restore weights, AdamW moments and this rank's RNG."""
     tensors = load_file(os.path.join(path, f"state-rank{rank if owns_state else 0}.safetensors"))
     with torch.no_grad():
         for name, p in named_trainable:
@@ -171,4 +174,3 @@ def load_checkpoint(path, named_trainable, optimizer, owns_state, rank):
     rng = os.path.join(path, f"rng-rank{rank}")
     with open(rng + ".json") as f:
         set_rng_state(load_file(rng + ".safetensors"), json.load(f))
-    return trainer

@@ -131,8 +131,9 @@ def wrap_fsdp(model, d: Dist, sharding="full", prefetch=False, offload=False, pa
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
             block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
-    set_model_state_dict(model, full_state if d.is_main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if full_state is not None or not d.is_main:
+        set_model_state_dict(model, full_state if d.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 

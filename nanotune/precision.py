@@ -57,7 +57,8 @@ def cast_frozen(model: nn.Module, p: Precision):
     for name, module in model.named_modules():
         if p.name == "bf16-true" and ".lora_" not in name + ".":
             for param in module.parameters(recurse=False):
-                param.data = param.data.to(p.compute_dtype)
+                if param.is_floating_point():  # int8 / packed 4-bit codes keep their dtype
+                    param.data = param.data.to(p.compute_dtype)
         elif type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()):
             module.to(p.compute_dtype)
     return model

@@ -31,8 +31,7 @@ def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_qu
     """Replace every nn.Linear but LoRA's and those named in `skip` (the output head, as in QLoRA) by a
     frozen bitsandbytes layer: Linear8bitLt (bits=8) or NF4 Linear4bit computing in `compute_dtype` (bits=4).
     double_quant also quantizes the 4-bit block scales (QLoRA sec. 3). Works on CPU and CUDA, on the
-    device the weights are on. Cast the model to its final dtype before, never after: see quant_storage.
-    Returns the model."""
+    device the weights are on. Returns the model."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     bnb = _bitsandbytes()
@@ -49,16 +48,18 @@ def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_qu
             CB, SCB, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
             q.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
         else:
-            # quant_storage: the packed 4-bit codes ((out * in / 2) bytes, two per byte) are stored as a
-            # tensor of the weights' own float dtype, viewed bytewise. FSDP flattens all parameters of a
-            # unit into one tensor of one dtype, so this is what lets it shard the base weight alongside
-            # the bf16 (or fp32) norms and LoRA weights (the QLoRA+FSDP recipe). The price: a dtype cast
-            # after quantize() would convert the codes as if they were numbers and destroy them.
+            # Two 4-bit codes per byte, stored as uint8 (bnb's default quant_storage), (out * in / 2, 1).
+            # FSDP1 flattens a unit into one tensor of one dtype and so needs the codes stored as the
+            # model's float dtype (the QLoRA+FSDP1 recipe). FSDP2, which nanotune uses, shards each
+            # parameter alone, all-gathers mixed dtypes as bytes and never casts a non-float one; a
+            # float storage dtype would instead be cast, codes and all, by MixedPrecisionPolicy
+            # (param_dtype=bf16 over fp32 weights) or by model.to(dtype). Measured with torch 2.13
+            # (gloo, 2 ranks): uint8 trains under both; fp32 storage breaks under param_dtype=bf16.
             q = bnb.nn.Linear4bit(*shape, compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                  quant_type="nf4", quant_storage=w.dtype, device="meta")
+                                  quant_type="nf4", device="meta")
             # Params4bit quantizes (blocks of 64, one absmax each) when moved to a device, CPU included.
             q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=double_quant,
-                                         quant_type="nf4", quant_storage=w.dtype, module=q).to(w.device)
+                                         quant_type="nf4", module=q).to(w.device)
             # On avx512_bf16 CPUs a Linear4bit in eval() whose input needs no grad repacks its weight, in
             # place and for good, for a bf16 inference kernel with no backward. An evaluation inside
             # training (model.eval() under no_grad) would thus cut the graph through every base layer of

@@ -1,0 +1,122 @@
+"""Checkpoints: atomic, exact resume after SIGKILL, refusal of a resume that changes the math."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, run_train
+
+STEPS = ["--max-steps", 12, "--batch-size", 2, "--log-every", 1, "--eval-every", 4, "--eval-exact-match", 0,
+         "--save-every", 3]
+
+
+def losses(out):
+    """Every logged figure but the timing ones, which differ between runs."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def kill_after_checkpoint(cmd, out, step, env=None):
+    """Start a run, SIGKILL its whole process group as soon as checkpoint `step` exists."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=env)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "checkpoints", f"step-{step}")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "out"
+    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS)
+    return out
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
+    kill_after_checkpoint([sys.executable, "train.py", *map(str, args)], out, 6)
+    proc = run_train(*args, "--resume")
+    assert "resumed from" in proc.stdout
+    with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
+            open(uninterrupted / "adapter" / "adapter_model.safetensors", "rb") as b:
+        assert a.read() == b.read()
+    assert losses(out) == losses(uninterrupted)
+
+
+def test_ddp_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path):
+    def torchrun(out, port):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "train.py", *map(str, ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS])]
+    full, out = tmp_path / "full", tmp_path / "out"
+    subprocess.run(torchrun(full, 29811), cwd=ROOT, check=True, capture_output=True)
+    kill_after_checkpoint(torchrun(out, 29812), out, 6)
+    proc = subprocess.run(torchrun(out, 29813) + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
+            open(full / "adapter" / "adapter_model.safetensors", "rb") as b:
+        assert a.read() == b.read()
+    assert losses(out) == losses(full)
+
+
+def test_half_written_checkpoints_are_never_picked(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
+    """A kill mid-save leaves a .tmp folder (never renamed), or, between rename and pointer update,
+    a stale `latest`. Resume must take the newest complete checkpoint and succeed."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "adapter")
+    ckpt = out / "checkpoints"
+    assert sorted(os.listdir(ckpt)) == ["latest", "step-6", "step-9"]  # --keep 2
+    shutil.copytree(ckpt / "step-9", ckpt / ".step-12.tmp")
+    (ckpt / ".step-12.tmp" / "state-rank0.safetensors").write_bytes(b"garbage")
+    (ckpt / "latest").write_text(json.dumps({"checkpoint": "step-12"}))  # points nowhere complete
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume")
+    assert f"resumed from {ckpt / 'step-9'} at step 9" in proc.stdout
+    with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
+            open(uninterrupted / "adapter" / "adapter_model.safetensors", "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_checkpoint_holds_no_pickle_and_the_run_flags(uninterrupted):
+    step = uninterrupted / "checkpoints" / "step-9"
+    assert sorted(os.listdir(step)) == ["rng-rank0.json", "rng-rank0.safetensors", "state-rank0.safetensors",
+                                        "trainer.json"]
+    trainer = json.loads((step / "trainer.json").read_text())
+    assert trainer["step"] == 9 and trainer["args"]["lora_r"] == 8 and trainer["args"]["world_size"] == 1
+
+
+def test_resume_with_other_math_is_refused(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume",
+                     "--lora-r", 4, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: cannot resume: --lora-r was 8 in the checkpoint but is 4 now; "
+                                   "a resumed run must repeat the original's flags")
+
+
+def test_previous_run_needs_resume_or_overwrite(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, check=False)
+    assert proc.returncode == 1 and "holds a previous run; pass --resume" in proc.stderr
+    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2, "--batch-size", 2,
+              "--eval-exact-match", 0, "--overwrite")
+    assert not os.path.exists(out / "checkpoints") and len(losses(out)) == 2  # the old run is gone
+
+
+def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tiny_data, tmp_path):
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--lr", 1e30,
+                     "--max-steps", 10, "--batch-size", 2, "--warmup-steps", 0, "--save-every", 1,
+                     "--eval-exact-match", 0, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: the training loss is nan at step 2; stopping. Last good checkpoint:" in proc.stderr
+    assert "step-1" in proc.stderr
