@@ -36,15 +36,19 @@ RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", 
              "keep", "merge"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the docstring's line breaks."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("model and data").add_argument
     a("--model", default=os.path.join(HERE, "assets", "tiny-neox"),
       help="HF-layout GPT-NeoX folder: config.json, *.safetensors, tokenizer.json")
     a("--num-layers", type=int, default=-1, help="keep only the first N transformer blocks (-1: all)")
     a("--data", default=os.path.join(HERE, "assets", "data", "train.jsonl"),
       help="training rows, .json or .jsonl: Alpaca, ShareGPT or {text}")
-    a("--val-data", help="held-out rows for evaluation (default: --val-fraction of --data)")
+    a("--val-data", help="held-out rows for evaluation (None: hold out --val-fraction of --data)")
     a("--val-fraction", type=float, default=0.05, help="share of --data held out when --val-data is not given")
     a("--max-seq-len", type=int, default=256, help="rows are cut to this many tokens")
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens, not only responses")
@@ -60,7 +64,7 @@ def parse_args(argv=None):
     a("--modules-to-save", nargs="+", default=[], help="modules trained in full and saved with the adapter")
     a("--lora-dtype", default="fp32", choices=list(DTYPES), help="dtype of the LoRA weights")
     a("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
-    a("--lora-layers", type=int, nargs="+", help="adapt only these block indices (default: all)")
+    a("--lora-layers", type=int, nargs="+", help="adapt only these block indices (None: every block)")
     a("--adapter", help="start from this PEFT-format adapter folder instead of a fresh LoRA")
     a("--merge", action="store_true", help="also write OUT/merged: the base with the adapter folded in")
     a = p.add_argument_group("optimisation").add_argument
@@ -92,7 +96,7 @@ def parse_args(argv=None):
       help="continue from the newest checkpoint in --out, or from the checkpoint folder given")
     a("--save-every", type=int, default=0, help="write a checkpoint every N steps (0: never)")
     a("--keep", type=int, default=2, help="keep the newest K checkpoints (0: all)")
-    a("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    a("--device", help="cpu, cuda or cuda:N (None: cuda if available)")
     a("--log-every", type=int, default=10, help="print and record the training loss every N steps")
     a("--eval-every", type=int, default=50, help="evaluate every N steps (0: only at the end)")
     a("--eval-exact-match", type=int, default=64,
