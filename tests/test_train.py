@@ -1,9 +1,11 @@
 """train.py end to end, run as a user runs it: in a subprocess, on a tiny model."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, run_train
@@ -63,8 +65,27 @@ def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_bad_input_is_one_line_and_nonzero(tiny_model_dir, tiny_data, tmp_path):
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path, "--lr", 0, check=False)
-    assert proc.returncode == 1 and proc.stderr.strip() == "error: --lr must be > 0, got 0.0"
-    proc = run_train("--model", tmp_path / "none", "--data", tiny_data, "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", 0], "error: --lr must be > 0, got 0.0"),
+    (["--batch-size", 0], "error: --batch-size must be >= 1, got 0"),
+    (["--max-steps", 0], "error: --max-steps must be >= 1 (or -1 to use --epochs), got 0"),
+])
+def test_nonsensical_numbers(tiny_model_dir, tiny_data, tmp_path, flags, message):
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path, *flags, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == message
+
+
+def test_bad_paths_are_one_line_and_nonzero(tiny_model_dir, tiny_data, tmp_path):
+    def fails(*args):
+        proc = run_train(*args, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+        return proc.stderr
+    assert "does not exist" in fails("--model", tmp_path / "none", "--data", tiny_data, "--out", tmp_path / "o")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model_dir, no_tokenizer)
+    os.remove(no_tokenizer / "tokenizer.json")
+    assert "tokenizer.json is missing" in fails("--model", no_tokenizer, "--data", tiny_data, "--out", tmp_path / "o")
+    (tmp_path / "a-file").write_text("")
+    assert "is not writable" in fails("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "a-file" / "o")
+    assert "does not exist" in fails("--model", tiny_model_dir, "--data", tmp_path / "no.json", "--out", tmp_path / "o")
+    assert not os.path.exists(tmp_path / "o" / "adapter") and not os.path.exists(tmp_path / "o" / "metrics.jsonl")

@@ -1,0 +1,350 @@
+"""Training throughput, peak memory and FLOP utilisation of nanotune, optionally against transformers + peft.
+
+    python bench/bench.py --mode lora-bf16                      # nanotune alone, Pythia-70m shape
+    python bench/bench.py --mode lora-fp32 --compare-hf         # side by side with GPTNeoXForCausalLM + peft
+    python bench/bench.py --mode nf4 --hidden 768 --layers 12 --heads 12 --seq 512
+
+What one run does:
+  1. Builds a random GPT-NeoX of the requested shape (seeded) and writes it once with
+     nanotune.model.save_pretrained to a temporary folder. Every framework loads that same folder,
+     so both train the identical model on the identical random token batches.
+  2. Speed, in this process: each runner (nanotune; with --compare-hf also transformers +
+     peft, in its bf16 variants) is built exactly as its users would build it, runs --warmup
+     untimed steps, then the runners take turns running --block timed steps each until every one has
+     run --steps. Interleaving spreads the noise of a shared machine evenly over the frameworks,
+     so the ratios stay meaningful even when the absolute numbers drift.
+  3. Memory, one subprocess per runner (bench.py re-invokes itself with --only RUNNER --json),
+     because peak RSS is a per-process figure. Each child resets the kernel's high-water mark
+     (/proc/self/clear_refs) after its imports and reports the peak RSS over building and
+     training, and that peak minus its RSS before building the model (the training footprint:
+     weights, gradients, optimizer state, activations). On CUDA it also reports
+     torch.cuda.max_memory_allocated.
+  4. FLOP utilisation: model FLOPs per token / measured peak. A matmul weight of N parameters costs
+     2N per token forward; training touches it ~4N in LoRA (forward + input gradient; a frozen
+     weight gets no weight gradient) and ~6N when it trains (full fine-tune). The LoRA matrices
+     train (6x their size). Causal attention's two (T x hs) matmuls cost 2*2*T*C per token per
+     layer forward (counted unmasked, as in PaLM's MFU) and 3x that in training, LoRA included:
+     q, k and v need gradients either way. The peak is the best throughput of a dense GEMM at the
+     model's own matmul shapes, forward (B*T, in) x (in, out) and backward (B*T, out) x (out, in),
+     measured here in fp32 and bf16.
+
+transformers and peft are imported only for --compare-hf; nanotune never depends on them. For
+HF's bf16 the bench runs both of its usual settings, autocast over fp32 weights and the model
+loaded in bf16 (dtype=torch.bfloat16, peft keeps LoRA in fp32), and ratios use the faster one.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import nanotune.model as nt_model
+from nanotune.lora import inject_lora
+from nanotune.precision import cast_frozen, resolve
+from nanotune.quantize import quantize
+
+MODES = {  # mode -> (LoRA?, default precision, quantized bits)
+    "lora-fp32": (True, "32", None), "lora-bf16": (True, "bf16", None), "full": (False, "32", None),
+    "int8": (True, "32", 8), "nf4": (True, "32", 4)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--mode", default="lora-bf16", choices=list(MODES), help="what to train (default: %(default)s)")
+    a("--precision", help="override the mode's precision (32, bf16, bf16-true); int8/nf4 default to 32")
+    a("--hidden", type=int, default=512, help="hidden size C (default: Pythia-70m's 512)")
+    a("--layers", type=int, default=6, help="transformer blocks (default: %(default)s)")
+    a("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
+    a("--intermediate", type=int, help="MLP width (default: 4 x hidden)")
+    a("--vocab", type=int, default=50304, help="vocabulary size (default: %(default)s)")
+    a("--seq", type=int, default=256, help="tokens per row T (default: %(default)s)")
+    a("--batch", type=int, default=4, help="rows per step B (default: %(default)s)")
+    a("--lora-r", type=int, default=8, help="LoRA rank on query_key_value (default: %(default)s)")
+    a("--lora-alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
+    a("--steps", type=int, default=12, help="timed steps per runner (default: %(default)s)")
+    a("--warmup", type=int, default=2, help="untimed steps per runner first (default: %(default)s)")
+    a("--block", type=int, default=3, help="steps a runner runs before the next takes its turn (default: %(default)s)")
+    a("--compare-hf", action="store_true", help="also train the same model in transformers + peft")
+    a("--no-memory", action="store_true", help="skip the per-runner subprocesses that measure peak memory")
+    a("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps of each runner "
+      "with torch.profiler and print the top operators by self time")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--seed", type=int, default=0, help="seed for the model weights and the token batches")
+    # Internal: the memory children.
+    a("--only", help=argparse.SUPPRESS)  # run only this runner, print one JSON line
+    a("--model-dir", help=argparse.SUPPRESS)  # the folder the parent wrote
+    return p.parse_args(argv)
+
+
+# ---- the model, the data, the FLOP count -------------------------------------------------------
+
+def make_config(args):
+    return nt_model.Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                           num_attention_heads=args.heads, intermediate_size=args.intermediate or 4 * args.hidden,
+                           max_position_embeddings=max(2048, args.seq))
+
+
+def write_model(args, path):
+    """A random model with GPT-NeoX's init (normal, std 0.02), saved in HF layout."""
+    torch.manual_seed(args.seed)
+    model = nt_model.GPTNeoX(make_config(args))
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
+    nt_model.save_pretrained(model, path)
+
+
+def batches(args, n=4):
+    """n fixed (B, T) token batches. nanotune takes labels already shifted (-100 where no next token);
+    transformers shifts them itself, so it gets the ids: both train on the same B*(T-1) targets."""
+    g = torch.Generator().manual_seed(args.seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+        labels = torch.cat((ids[:, 1:], torch.full((args.batch, 1), -100)), dim=1)
+        out.append((ids, labels))
+    return out
+
+
+def flops_per_token(config, seq, lora, lora_params):
+    C, L, I, V = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    matmul_params = L * (C * 3 * C + C * C + 2 * C * I) + C * V  # qkv, dense, MLP, output head
+    attention = L * 2 * 2 * seq * C  # q k^T and (attention) v, per token, forward
+    return (4 if lora else 6) * matmul_params + 6 * lora_params + 3 * attention
+
+
+def matmul_peak(config, tokens, dtype, device):
+    """Best FLOP/s of a GEMM at the model's shapes (M = B*T tokens), forward and input-gradient."""
+    C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    best = 0.0
+    for k, n in ((C, 3 * C), (C, C), (C, I), (I, C), (C, V)):
+        for k_, n_ in ((k, n), (n, k)):  # forward x W^T, then the input gradient dy W
+            x, w = torch.randn(tokens, k_, dtype=dtype, device=device), torch.randn(k_, n_, dtype=dtype, device=device)
+            times = []
+            for _ in range(3):
+                sync(device)
+                t = time.perf_counter()
+                x @ w
+                sync(device)
+                times.append(time.perf_counter() - t)
+            best = max(best, 2 * tokens * k_ * n_ / min(times[1:]))
+    return best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- the runners: nanotune as train.py wires it, and transformers + peft ----------------------
+
+class Runner:
+    """One model + optimizer + the precision context of its forward; step() is one training step."""
+
+    def __init__(self, name, model, context, compute_dtype, hf):
+        self.name, self.model, self.context, self.compute_dtype, self.hf = name, model, context, compute_dtype, hf
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.times, self.losses = [], []
+
+    def step(self, input_ids, labels):
+        sync(input_ids.device)
+        t = time.perf_counter()
+        with self.context():
+            if self.hf:  # mean over the shifted targets
+                loss = self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            else:  # train.py: the summed loss over the batch's token count
+                loss = self.model(input_ids, labels) / (labels != -100).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+        sync(input_ids.device)
+        return time.perf_counter() - t
+
+
+def build_nanotune(args, path, device):
+    lora, precision_name, bits = MODES[args.mode]
+    precision = resolve(args.precision or precision_name, device)
+    model = nt_model.from_pretrained(path, device=device)
+    if bits:
+        quantize(model, bits, precision.compute_dtype)
+    if lora:
+        inject_lora(model, ["query_key_value"], args.lora_r, args.lora_alpha, dropout=0.0)
+    else:
+        model.requires_grad_(True)
+    model = cast_frozen(model, precision).to(device)
+    model.train()
+    return Runner("nanotune", model, lambda: precision.context(device), precision.compute_dtype, hf=False)
+
+
+def hf_variants(args, device):
+    """The transformers settings to run for this mode: name -> (weight dtype, autocast dtype or None)."""
+    lora, precision_name, bits = MODES[args.mode]
+    precision = resolve(args.precision or precision_name, device)
+    if precision.name == "bf16-mixed":
+        return {"hf-autocast": (torch.float32, torch.bfloat16), "hf-bf16-weights": (torch.bfloat16, None)}
+    if precision.name == "bf16-true":
+        return {"hf-bf16-weights": (torch.bfloat16, None)}
+    return {"hf": (torch.float32, None)}
+
+
+def build_hf(args, path, device, name):
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, GPTNeoXForCausalLM
+    lora, _, bits = MODES[args.mode]
+    dtype, autocast = hf_variants(args, device)[name]
+    quant = None
+    if bits == 8:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    elif bits == 4:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=autocast or dtype)
+    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                               quantization_config=quant, device_map={"": device})
+    if lora:  # peft keeps the adapter in fp32 over a bf16 base (autocast_adapter_dtype=True)
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+    else:
+        model.requires_grad_(True)
+    model.train()
+    context = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast else contextlib.nullcontext
+    return Runner(name, model, context, autocast or dtype, hf=True)
+
+
+def build(args, path, device, name):
+    return build_nanotune(args, path, device) if name == "nanotune" else build_hf(args, path, device, name)
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+def rss_kb(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in KiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def measure_memory(args, device, batch_list):
+    """The child: build one runner, train warm-up + a few steps, print its peaks as one JSON line."""
+    if args.only != "nanotune":  # import transformers before the baseline: its import is not training memory
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = rss_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current RSS (Linux >= 4.0)
+    runner = build(args, args.model_dir, device, args.only)
+    for i in range(args.warmup + args.steps):
+        ids, labels = batch_list[i % len(batch_list)]
+        runner.step(ids.to(device), labels.to(device))
+    peak = rss_kb("VmHWM")
+    out = {"runner": args.only, "peak_rss_mb": peak / 1024, "train_rss_mb": (peak - base) / 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def memory_children(args, names):
+    found = {}
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--only", name, "--model-dir",
+               args.model_dir, "--steps", "2", "--warmup", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not lines:
+            print(f"memory run of {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        found[name] = json.loads(lines[-1])
+    return found
+
+
+# ---- the parent: interleaved timing, table ---------------------------------------------------------
+
+def profile(runner, batch_list, steps, device):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for i in range(steps):
+            ids, labels = batch_list[i % len(batch_list)]
+            runner.step(ids.to(device), labels.to(device))
+    print(f"\n== profile: {runner.name}, {steps} steps ==")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
+
+
+def main(args):
+    device = torch.device(args.device)
+    batch_list = batches(args)
+    if args.only:
+        return measure_memory(args, device, batch_list)
+    names = ["nanotune"]
+    if args.compare_hf:
+        try:
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            sys.exit("--compare-hf needs transformers and peft: pip install transformers peft")
+        names += list(hf_variants(args, device))
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model_dir = tmp
+        write_model(args, tmp)
+        memory = {} if args.no_memory else memory_children(args, names)
+        runners = [build(args, tmp, device, name) for name in names]
+        config = runners[0].model.config
+        for r in runners:  # warm-up: first-call allocations, oneDNN kernel selection
+            for i in range(args.warmup):
+                r.step(*(t.to(device) for t in batch_list[i % len(batch_list)]))
+        done = 0
+        while done < args.steps:  # take turns, reversing the order each round
+            n = min(args.block, args.steps - done)
+            for r in runners if (done // args.block) % 2 == 0 else runners[::-1]:
+                for i in range(done, done + n):
+                    r.times.append(r.step(*(t.to(device) for t in batch_list[i % len(batch_list)])))
+            done += n
+        if args.profile:
+            for r in runners:
+                profile(r, batch_list, args.profile, device)
+
+    tokens = args.batch * args.seq
+    dtypes = {r.compute_dtype for r in runners}
+    peaks = {dt: matmul_peak(config, tokens, dt, device) for dt in dtypes}
+    lora = MODES[args.mode][0]
+    print(f"\nmode {args.mode}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+          f"{config.num_attention_heads} heads, vocab {config.vocab_size}, batch {args.batch} x seq {args.seq}, "
+          f"{args.steps} timed steps each ({args.block} per turn) after {args.warmup} warm-up, "
+          f"{torch.get_num_threads()} threads on {device.type}")
+    print("matmul peak at the model's shapes: " + ", ".join(
+        f"{str(dt).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s" for dt, peak in peaks.items()))
+    head = f"{'runner':<16} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'loss[0]':>8} {'peak RSS MB':>11} " \
+           f"{'train RSS MB':>12}" + (f" {'CUDA MB':>8}" if device.type == "cuda" else "")
+    print(head + "\n" + "-" * len(head))
+    results = {}
+    for r in runners:
+        lora_params = sum(p.numel() for p in r.params) if lora else 0
+        tps = tokens * len(r.times) / sum(r.times)
+        mfu = flops_per_token(config, args.seq, lora, lora_params) * tps / peaks[r.compute_dtype]
+        mem = memory.get(r.name, {})
+        results[r.name] = {"tokens_per_s": tps, "mfu": mfu, **mem}
+        line = f"{r.name:<16} {tps:>9.0f} {1000 * sorted(r.times)[len(r.times) // 2]:>8.0f} {mfu:>6.1%} " \
+               f"{r.losses[0]:>8.4f} {mem.get('peak_rss_mb', float('nan')):>11.0f} " \
+               f"{mem.get('train_rss_mb', float('nan')):>12.0f}"
+        print(line + (f" {mem.get('cuda_max_allocated_mb', float('nan')):>8.0f}" if device.type == "cuda" else ""))
+    if len(runners) > 1:
+        best = max(runners[1:], key=lambda r: results[r.name]["tokens_per_s"])
+        nt, hf = results["nanotune"], results[best.name]
+        print(f"\nnanotune / {best.name} (the fastest HF setting): tokens/s x{nt['tokens_per_s'] / hf['tokens_per_s']:.2f}"
+              + (f", peak RSS x{nt['peak_rss_mb'] / hf['peak_rss_mb']:.2f}, "
+                 f"train RSS x{nt['train_rss_mb'] / hf['train_rss_mb']:.2f}" if "peak_rss_mb" in nt and
+                 "peak_rss_mb" in hf else ""))
+    print("json " + json.dumps({"mode": args.mode, "seq": args.seq, "hidden": args.hidden, "results": results}))
+
+
+if __name__ == "__main__":
+    main(parse_args())
