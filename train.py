@@ -18,10 +18,12 @@ import time
 import torch
 
 from nanotune import UserError
-from nanotune.checkpoint import atomic_dir, find_checkpoint, load_checkpoint, read_trainer, save_checkpoint
+from nanotune.checkpoint import (atomic_dir, find_checkpoint, local_state, read_state, read_trainer,
+                                 restore_local_state, restore_rng, save_checkpoint)
 from nanotune.data import Batches, collate, eos_id, load_examples, load_tokenizer, split
-from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, full_state_dict,
-                                  print0, wrap_ddp, wrap_fsdp)
+from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, deepspeed_config,
+                                  ds_load_optimizer_state, ds_optimizer_state, full_state_dict, print0, wrap_ddp,
+                                  wrap_deepspeed, wrap_fsdp)
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
@@ -33,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Flags that do not change the math of a run: a resume may change these and nothing else.
 RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
-             "keep", "merge"}
+             "keep", "merge", "local_rank"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -83,12 +85,17 @@ def parse_args(argv=None):
     a("--load-in-4bit", action="store_true", help="hold the frozen base Linears in 4-bit NF4 (QLoRA)")
     a("--double-quant", action="store_true", help="with --load-in-4bit, also quantize the block scales")
     a = p.add_argument_group("distributed").add_argument
-    a("--strategy", default="auto", choices=["auto", "none", "ddp", "fsdp"],
+    a("--strategy", default="auto", choices=["auto", "none", "ddp", "fsdp", "deepspeed"],
       help="auto: ddp when torchrun starts several processes, else none")
     a("--fsdp-sharding", default="full", choices=["full", "grad-op", "hybrid"],
       help="FULL_SHARD, SHARD_GRAD_OP, or HYBRID_SHARD (shard in a node, replicate across nodes)")
     a("--fsdp-prefetch", action="store_true", help="prefetch the next block's weights in forward and backward")
     a("--fsdp-offload", action="store_true", help="keep sharded parameters and gradients in CPU memory")
+    a("--zero-stage", type=int, choices=[0, 1, 2, 3],
+      help="DeepSpeed ZeRO stage: partition optimizer state (1), + gradients (2), + parameters (3) (None: 0)")
+    a("--zero-offload", action="store_true", help="DeepSpeed: keep the optimizer partitions in CPU memory")
+    a("--deepspeed-config", help="a DeepSpeed JSON config merged over the one the flags build")
+    a("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     a = p.add_argument_group("run").add_argument
     a("--out", default="out", help="output folder: metrics.jsonl, checkpoints/, adapter/ or model/")
     a("--overwrite", action="store_true", help="replace the outputs of a previous run in --out")
@@ -104,6 +111,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def quantized(args):
+    return args.load_in_8bit or args.load_in_4bit
+
+
 def check_args(args):
     for flag, value, low in (("--lr", args.lr, 0), ("--batch-size", args.batch_size, 1),
                              ("--grad-accum", args.grad_accum, 1), ("--max-seq-len", args.max_seq_len, 2)):
@@ -115,10 +126,12 @@ def check_args(args):
         raise UserError(f"--epochs must be > 0, got {args.epochs}")
     if args.load_in_8bit and args.load_in_4bit:
         raise UserError("--load-in-8bit and --load-in-4bit contradict each other; choose one")
-    if (args.load_in_8bit or args.load_in_4bit) and not (args.lora or args.adapter):
+    if quantized(args) and not (args.lora or args.adapter):
         raise UserError("a quantized base cannot be trained in full; drop --no-lora or the --load-in-* flag")
     if args.double_quant and not args.load_in_4bit:
         raise UserError("--double-quant applies to --load-in-4bit only")
+    if (args.zero_stage is not None or args.zero_offload or args.deepspeed_config) and args.strategy != "deepspeed":
+        raise UserError("--zero-stage, --zero-offload and --deepspeed-config apply to --strategy deepspeed only")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not (args.overwrite or args.resume):
@@ -143,12 +156,39 @@ def check_resume(saved: dict, args, world_size: int):
                             f"{now.get(key)!r} now; a resumed run must repeat the original's flags")
 
 
+def checkpoint_state(model, strategy, d, named_trainable, optimizer):
+    """The tensors this rank writes into a checkpoint (every rank must call: ZeRO-3 gathers).
+    FSDP: each rank its shards. DeepSpeed: rank 0 the whole trainable weights, each rank its ZeRO
+    optimizer partition. Otherwise every rank holds the same values and rank 0 writes them."""
+    if strategy == "deepspeed":
+        weights = full_state_dict(model, strategy, trainable_only=True)
+        return {**{f"param.{k}": v for k, v in weights.items()}, **ds_optimizer_state(model, optimizer)}
+    return local_state(named_trainable, optimizer) if strategy == "fsdp" or d.is_main else None
+
+
 def lr_at(step, args, total):
     """Linear warm-up to --lr, then cosine decay to lr / 10 at the last step."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, total - args.warmup_steps)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def optimizer_step(optimizer, scaler, params, max_grad_norm, step):
+    """Unscale (fp16), clip, step, and clear the gradients."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skips the step if a gradient overflowed, then lowers the scale
+        scaler.update()
+        if scaler.get_scale() < scale:
+            print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {scaler.get_scale()}")
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -217,6 +257,9 @@ def main(args):
 
 def train(args, strategy, d):
     precision = resolve(args.precision, d.device)
+    if quantized(args) and strategy == "deepspeed":
+        raise UserError("a quantized base (--load-in-8bit/4bit) is not supported with --strategy deepspeed; "
+                        "use ddp, or fsdp with --load-in-4bit")
     if args.load_in_8bit and strategy == "fsdp":
         raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
                         "FSDP cannot split); use --strategy ddp, or --load-in-4bit with FSDP")
@@ -224,6 +267,19 @@ def train(args, strategy, d):
         raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
                         "on CUDA (on a CPU run the weights are in CPU memory already)")
     torch.manual_seed(args.seed)
+
+    # Resume? Decided first, so a resume with other flags fails before anything is loaded.
+    if args.overwrite and not args.resume and d.is_main:
+        for name in ("metrics.jsonl", "checkpoints", "adapter", "model", "merged"):
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+    barrier()
+    checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
+    if checkpoint:
+        trainer = read_trainer(checkpoint)
+        check_resume(trainer["args"], args, d.world_size)
+    elif args.resume:
+        print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
 
     # Model. Under FSDP only rank 0 reads the checkpoint; the others build it on the meta device
     # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading). A 4-bit
@@ -243,26 +299,32 @@ def train(args, strategy, d):
     else:
         model.requires_grad_(True)
     core = model  # the unwrapped model: its config, lora_config and parameter names
-    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    n_train = sum(p.numel() for _, p in named_trainable)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
 
-    # Precision, then the distributed wrapper.
+    # Precision, then the distributed wrapper, then the optimizer over what is trainable.
     if strategy == "fsdp":
         full = model.state_dict() if d.is_main and broadcast else None
         mixed = precision.compute_dtype if precision.autocast else None
         model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed, full)
-        named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # now sharded
     else:
         model = cast_frozen(model, precision).to(d.device)
-        if strategy == "ddp":
-            model = wrap_ddp(model, d)
-    model.train()
-    print0(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
-           f"({100 * n_train / n_all:.2f}%); precision {precision.name}; strategy {strategy}, "
-           f"{d.world_size} process(es) on {d.device.type}")
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP
+    if strategy == "ddp":
+        model = wrap_ddp(model, d)
     optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=args.lr, weight_decay=args.weight_decay)
     scaler = precision.scaler(d.device)
+    if checkpoint and strategy == "deepspeed":  # ZeRO builds its fp32 partitions from the weights it is given
+        restore_local_state(read_state(checkpoint, 0), named_trainable)
+    if strategy == "deepspeed":
+        config = deepspeed_config(args.batch_size, args.grad_accum, d.world_size, args.max_grad_norm,
+                                  args.zero_stage, args.zero_offload, args.deepspeed_config)
+        model = wrap_deepspeed(model, optimizer, d, config)
+    model.train()
+    print0(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
+           f"({100 * n_train / n_all:.2f}%); precision {precision.name}; strategy {strategy}"
+           f"{' ZeRO-' + str(config['zero_optimization']['stage']) if strategy == 'deepspeed' else ''}, "
+           f"{d.world_size} process(es) on {d.device.type}")
 
     # Data: tokenized once, then read in a seeded order that is a pure function of the step.
     pad_id = tokenizer.token_to_id("<|padding|>") or eos_id(tokenizer)
@@ -280,22 +342,17 @@ def train(args, strategy, d):
 
     # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
     start_step = 0
-    if args.overwrite and not args.resume and d.is_main:
-        for name in ("metrics.jsonl", "checkpoints", "adapter", "model", "merged"):
-            path = os.path.join(args.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
-    barrier()
-    checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
     if checkpoint:
-        trainer = read_trainer(checkpoint)
-        check_resume(trainer["args"], args, d.world_size)
-        load_checkpoint(checkpoint, named_trainable, optimizer, strategy == "fsdp", d.rank)
-        start_step = trainer["step"]
+        if strategy == "deepspeed":
+            ds_load_optimizer_state(model, optimizer, read_state(checkpoint, d.rank))
+        else:  # under FSDP each rank reads its own shard; otherwise rank 0 wrote the one copy
+            restore_local_state(read_state(checkpoint, d.rank if strategy == "fsdp" else 0), named_trainable,
+                                optimizer)
+        restore_rng(checkpoint, d.rank)
         if scaler and trainer["scaler"]:
             scaler.load_state_dict(trainer["scaler"])
+        start_step = trainer["step"]
         print0(f"resumed from {checkpoint} at step {start_step}")
-    elif args.resume:
-        print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
     metrics = Metrics(args.out, d.is_main, start_step if checkpoint else None)
 
     scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
@@ -322,7 +379,11 @@ def train(args, strategy, d):
                 model.set_requires_gradient_sync(last)
             with precision.context(d.device):
                 loss = model(input_ids.to(d.device), labels.to(d.device)) * (d.world_size / n_tokens)
-            (scaler.scale(loss) if scaler else loss).backward()
+            if strategy == "deepspeed":  # our loss is already scaled for accumulation; step() on every
+                model.backward(loss, scale_wrt_gas=False)  # micro-batch, the engine updates on the last
+                model.step()
+            else:
+                (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item() / d.world_size
             tokens_seen += input_ids.numel() * d.world_size
         step_loss = all_reduce_sum([step_loss])[0]
@@ -330,19 +391,8 @@ def train(args, strategy, d):
             last_good = find_checkpoint(args.out, "latest")
             raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
                             f"{last_good or 'none'}. Lower --lr, or use --precision 32 or bf16")
-        if scaler:
-            scaler.unscale_(optimizer)
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named_trainable], args.max_grad_norm)
-        if scaler:
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            if scaler.get_scale() < scale:
-                print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {scaler.get_scale()}")
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if strategy != "deepspeed":  # DeepSpeed clipped and stepped inside model.step()
+            optimizer_step(optimizer, scaler, [p for _, p in named_trainable], args.max_grad_norm, step)
 
         done = step + 1
         if done % args.log_every == 0 or done == total:
@@ -358,8 +408,8 @@ def train(args, strategy, d):
         if args.save_every and done % args.save_every == 0 and done < total:
             trainer = {"step": done, "args": {**vars(args), "world_size": d.world_size},
                        "scaler": scaler.state_dict() if scaler else None}
-            path = save_checkpoint(args.out, done, named_trainable, optimizer, trainer,
-                                   strategy == "fsdp" or d.is_main, d.rank, args.keep)
+            path = save_checkpoint(args.out, done, checkpoint_state(model, strategy, d, named_trainable, optimizer),
+                                   trainer, d.rank, args.keep)
             print0(f"step {done}: checkpoint {path}")
     if scored:
         acc = exact_match(model, scored, tokenizer, d, precision)
@@ -367,7 +417,7 @@ def train(args, strategy, d):
                     exact_match=acc)
 
     # Outputs: gathered to rank 0 (FSDP), written to a temporary folder, renamed into place.
-    state = full_state_dict(model, strategy)
+    state = full_state_dict(model, strategy, trainable_only=bool(args.lora or args.adapter))
     if d.is_main:
         name = "adapter" if args.lora or args.adapter else "model"
         with atomic_dir(os.path.join(args.out, name)) as tmp:

@@ -85,31 +85,49 @@ def set_rng_state(tensors, plain):
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(out, step, named_trainable, optimizer, trainer, owns_state, rank, keep):
-    """Every rank calls this. Files go to a temporary folder that rank 0 renames into place once
-    all ranks have fsynced theirs (checkpoints in multi-node runs need a shared filesystem)."""
+def local_state(named_trainable, optimizer) -> dict:
+    """Trainable weights and AdamW moments as this rank holds them (its shards, under FSDP)."""
+    tensors = {}
+    for name, p in named_trainable:
+        tensors[f"param.{name}"] = local(p.detach()).cpu().contiguous()
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{name}.{key}"] = local(value).cpu().contiguous()
+    return tensors
+
+
+def restore_local_state(tensors, named_trainable, optimizer=None):
+    """The inverse of local_state; without an optimizer, only the weights."""
+    with torch.no_grad():
+        for name, p in named_trainable:
+            local(p).copy_(tensors[f"param.{name}"])
+            state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")}
+            if optimizer is not None and state:
+                optimizer.state[p] = {k: v if k == "step" else like(p, v) for k, v in state.items()}
+
+
+def save_checkpoint(out, step, tensors, trainer, rank, keep):
+    """Every rank calls this, with the tensors it owns (None: nothing). Files go to a temporary
+    folder that rank 0 renames into place once all ranks have fsynced theirs (checkpoints in
+    multi-node runs need a shared filesystem)."""
     root = os.path.join(out, "checkpoints")
     final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f".step-{step}.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
         os.makedirs(tmp)
     barrier()
-    if owns_state:
-        tensors = {}
-        for name, p in named_trainable:
-            tensors[f"param.{name}"] = local(p.detach()).cpu().contiguous()
-            for key, value in optimizer.state.get(p, {}).items():
-                tensors[f"adam.{name}.{key}"] = local(value).cpu().contiguous()
+    mine = []
+    if tensors:
         save_file(tensors, os.path.join(tmp, f"state-rank{rank}.safetensors"))
+        mine.append(f"state-rank{rank}.safetensors")
     rng_tensors, rng_plain = rng_state()
     save_file(rng_tensors, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
     write_json(os.path.join(tmp, f"rng-rank{rank}.json"), rng_plain)
+    mine += [f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"]
     if rank == 0:
         write_json(os.path.join(tmp, "trainer.json"), trainer)
-    for name in os.listdir(tmp):
-        if name.endswith(f"rank{rank}.safetensors") or name.endswith(f"rank{rank}.json") or rank == 0:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+    for name in mine:
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -162,15 +180,12 @@ def read_trainer(path):
         return json.load(f)
 
 
-def load_checkpoint(path, named_trainable, optimizer, owns_state, rank):
-    """Restore weights, AdamW moments and this rank's RNG."""
-    tensors = load_file(os.path.join(path, f"state-rank{rank if owns_state else 0}.safetensors"))
-    with torch.no_grad():
-        for name, p in named_trainable:
-            local(p).copy_(tensors[f"param.{name}"])
-            state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")}
-            if state:
-                optimizer.state[p] = {k: v if k == "step" else like(p, v) for k, v in state.items()}
-    rng = os.path.join(path, f"rng-rank{rank}")
-    with open(rng + ".json") as f:
-        set_rng_state(load_file(rng + ".safetensors"), json.load(f))
+def read_state(path, rank):
+    """The tensors rank `rank` wrote into the checkpoint ({} if it wrote none)."""
+    file = os.path.join(path, f"state-rank{rank}.safetensors")
+    return load_file(file) if os.path.exists(file) else {}
+
+
+def restore_rng(path, rank):
+    with open(os.path.join(path, f"rng-rank{rank}.json")) as f:
+        set_rng_state(load_file(os.path.join(path, f"rng-rank{rank}.safetensors")), json.load(f))
