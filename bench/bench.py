@@ -12,13 +12,17 @@ What one run does:
      peft, in its bf16 variants) is built exactly as its users would build it, runs --warmup
      untimed steps, then the runners take turns running --block timed steps each until every one has
      run --steps. Interleaving spreads the noise of a shared machine evenly over the frameworks,
-     so the ratios stay meaningful even when the absolute numbers drift.
-  3. Memory, one subprocess per runner (bench.py re-invokes itself with --only RUNNER --json),
-     because peak RSS is a per-process figure. Each child resets the kernel's high-water mark
-     (/proc/self/clear_refs) after its imports and reports the peak RSS over building and
-     training, and that peak minus its RSS before building the model (the training footprint:
-     weights, gradients, optimizer state, activations). On CUDA it also reports
-     torch.cuda.max_memory_allocated.
+     so the ratios stay meaningful even when the absolute numbers drift. Besides tokens per
+     wall-clock second the table gives tokens per CPU-second of the process (user + system time),
+     which another program on the same cores disturbs far less; with --threads 1 it is the
+     steadier ratio on a shared machine.
+  3. Memory, one subprocess per runner (bench.py re-invokes itself with --only RUNNER and reads
+     back one JSON line), because peak RSS is a per-process figure. Each child resets the
+     kernel's high-water mark (/proc/self/clear_refs) after its imports and reports the peak RSS
+     over building and training, and that peak minus its RSS before building the model (the
+     training footprint: weights, gradients, optimizer state, activations). Lazy imports
+     (torch._dynamo on the first AdamW step, bitsandbytes, transformers) are paid before that
+     baseline. On CUDA it also reports torch.cuda.max_memory_allocated.
   4. FLOP utilisation: model FLOPs per token / measured peak. A matmul weight of N parameters costs
      2N per token forward; training touches it ~4N in LoRA (forward + input gradient; a frozen
      weight gets no weight gradient) and ~6N when it trains (full fine-tune). The LoRA matrices
@@ -26,7 +30,9 @@ What one run does:
      layer forward (counted unmasked, as in PaLM's MFU) and 3x that in training, LoRA included:
      q, k and v need gradients either way. The peak is the best throughput of a dense GEMM at the
      model's own matmul shapes, forward (B*T, in) x (in, out) and backward (B*T, out) x (out, in),
-     measured here in fp32 and bf16.
+     measured here in fp32 and bf16. On a CPU both sides are counted per CPU-second (training
+     FLOPs per CPU-second / GEMM FLOPs per CPU-second), so a busy machine lowers neither alone;
+     on an idle machine with every thread busy that equals the wall-clock MFU.
 
 transformers and peft are imported only for --compare-hf; nanotune never depends on them. For
 HF's bf16 the bench runs both of its usual settings, autocast over fp32 weights and the model
@@ -76,6 +82,8 @@ def parse_args(argv=None):
     a("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps of each runner "
       "with torch.profiler and print the top operators by self time")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core); on a machine "
+      "shared with other work, 1 avoids OpenMP threads waiting on a descheduled sibling")
     a("--seed", type=int, default=0, help="seed for the model weights and the token batches")
     # Internal: the memory children.
     a("--only", help=argparse.SUPPRESS)  # run only this runner, print one JSON line
@@ -121,7 +129,9 @@ def flops_per_token(config, seq, lora, lora_params):
 
 
 def matmul_peak(config, tokens, dtype, device):
-    """Best FLOP/s of a GEMM at the model's shapes (M = B*T tokens), forward and input-gradient."""
+    """Best FLOP/s of a GEMM at the model's shapes (M = B*T tokens), forward and input-gradient;
+    per wall-clock second on CUDA, per CPU-second of this process on a CPU."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
     best = 0.0
     for k, n in ((C, 3 * C), (C, C), (C, I), (I, C), (C, V)):
@@ -130,10 +140,10 @@ def matmul_peak(config, tokens, dtype, device):
             times = []
             for _ in range(3):
                 sync(device)
-                t = time.perf_counter()
+                t = clock()
                 x @ w
                 sync(device)
-                times.append(time.perf_counter() - t)
+                times.append(clock() - t)
             best = max(best, 2 * tokens * k_ * n_ / min(times[1:]))
     return best
 
@@ -152,11 +162,12 @@ class Runner:
         self.name, self.model, self.context, self.compute_dtype, self.hf = name, model, context, compute_dtype, hf
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
-        self.times, self.losses = [], []
+        self.times, self.cpu_times, self.losses = [], [], []
 
     def step(self, input_ids, labels):
+        """One step; returns (wall seconds, CPU seconds of this process)."""
         sync(input_ids.device)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         with self.context():
             if self.hf:  # mean over the shifted targets
                 loss = self.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
@@ -168,7 +179,7 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.item())
         sync(input_ids.device)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - cpu
 
 
 def build_nanotune(args, path, device):
@@ -188,8 +199,7 @@ def build_nanotune(args, path, device):
 
 def hf_variants(args, device):
     """The transformers settings to run for this mode: name -> (weight dtype, autocast dtype or None)."""
-    lora, precision_name, bits = MODES[args.mode]
-    precision = resolve(args.precision or precision_name, device)
+    precision = resolve(args.precision or MODES[args.mode][1], device)
     if precision.name == "bf16-mixed":
         return {"hf-autocast": (torch.float32, torch.bfloat16), "hf-bf16-weights": (torch.bfloat16, None)}
     if precision.name == "bf16-true":
@@ -206,7 +216,8 @@ def build_hf(args, path, device, name):
     if bits == 8:
         quant = BitsAndBytesConfig(load_in_8bit=True)
     elif bits == 4:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=autocast or dtype)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_compute_dtype=autocast or dtype)
     model = GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
                                                quantization_config=quant, device_map={"": device})
     if lora:  # peft keeps the adapter in fp32 over a bf16 base (autocast_adapter_dtype=True)
@@ -233,7 +244,15 @@ def rss_kb(field):
 
 def measure_memory(args, device, batch_list):
     """The child: build one runner, train warm-up + a few steps, print its peaks as one JSON line."""
-    if args.only != "nanotune":  # import transformers before the baseline: its import is not training memory
+    # Pay for lazy imports before the baseline, alike for every runner: they are not training memory.
+    # The first AdamW step imports torch._dynamo (~80 MB), a quantized mode bitsandbytes (~50 MB).
+    warm = torch.nn.Linear(8, 8, device=device)
+    optimizer = torch.optim.AdamW(warm.parameters())
+    warm(torch.randn(2, 8, device=device)).sum().backward()
+    optimizer.step()
+    if MODES[args.mode][2]:
+        import bitsandbytes  # noqa: F401
+    if args.only != "nanotune":
         import peft  # noqa: F401
         import transformers  # noqa: F401
     if device.type == "cuda":
@@ -281,6 +300,8 @@ def profile(runner, batch_list, steps, device):
 
 def main(args):
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch_list = batches(args)
     if args.only:
         return measure_memory(args, device, batch_list)
@@ -306,45 +327,51 @@ def main(args):
             n = min(args.block, args.steps - done)
             for r in runners if (done // args.block) % 2 == 0 else runners[::-1]:
                 for i in range(done, done + n):
-                    r.times.append(r.step(*(t.to(device) for t in batch_list[i % len(batch_list)])))
+                    wall, cpu = r.step(*(t.to(device) for t in batch_list[i % len(batch_list)]))
+                    r.times.append(wall)
+                    r.cpu_times.append(cpu)
             done += n
         if args.profile:
             for r in runners:
                 profile(r, batch_list, args.profile, device)
 
-    tokens = args.batch * args.seq
-    dtypes = {r.compute_dtype for r in runners}
-    peaks = {dt: matmul_peak(config, tokens, dt, device) for dt in dtypes}
-    lora = MODES[args.mode][0]
+    report(args, runners, config, memory, device)
+
+
+def report(args, runners, config, memory, device):
+    tokens, lora, nan = args.batch * args.seq, MODES[args.mode][0], float("nan")
+    peaks = {dt: matmul_peak(config, tokens, dt, device) for dt in {r.compute_dtype for r in runners}}
     print(f"\nmode {args.mode}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"{config.num_attention_heads} heads, vocab {config.vocab_size}, batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps each ({args.block} per turn) after {args.warmup} warm-up, "
           f"{torch.get_num_threads()} threads on {device.type}")
-    print("matmul peak at the model's shapes: " + ", ".join(
+    print(f"matmul peak at the model's shapes, per {'second' if device.type == 'cuda' else 'CPU-second'}: " + ", ".join(
         f"{str(dt).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s" for dt, peak in peaks.items()))
-    head = f"{'runner':<16} {'tokens/s':>9} {'step ms':>8} {'MFU':>6} {'loss[0]':>8} {'peak RSS MB':>11} " \
-           f"{'train RSS MB':>12}" + (f" {'CUDA MB':>8}" if device.type == "cuda" else "")
+    head = f"{'runner':<16} {'tokens/s':>8} {'tok/CPU-s':>9} {'step ms':>7} {'MFU':>6} {'loss[0]':>8} " \
+           f"{'peak RSS MB':>11} {'train RSS MB':>12}" + (" CUDA MB" if device.type == "cuda" else "")
     print(head + "\n" + "-" * len(head))
     results = {}
     for r in runners:
         lora_params = sum(p.numel() for p in r.params) if lora else 0
-        tps = tokens * len(r.times) / sum(r.times)
-        mfu = flops_per_token(config, args.seq, lora, lora_params) * tps / peaks[r.compute_dtype]
+        tps, cpu_tps = tokens * len(r.times) / sum(r.times), tokens * len(r.cpu_times) / sum(r.cpu_times)
+        rate = tps if device.type == "cuda" else cpu_tps  # see the module docstring, point 4
+        mfu = flops_per_token(config, args.seq, lora, lora_params) * rate / peaks[r.compute_dtype]
         mem = memory.get(r.name, {})
-        results[r.name] = {"tokens_per_s": tps, "mfu": mfu, **mem}
-        line = f"{r.name:<16} {tps:>9.0f} {1000 * sorted(r.times)[len(r.times) // 2]:>8.0f} {mfu:>6.1%} " \
-               f"{r.losses[0]:>8.4f} {mem.get('peak_rss_mb', float('nan')):>11.0f} " \
-               f"{mem.get('train_rss_mb', float('nan')):>12.0f}"
-        print(line + (f" {mem.get('cuda_max_allocated_mb', float('nan')):>8.0f}" if device.type == "cuda" else ""))
+        results[r.name] = {"tokens_per_s": tps, "tokens_per_cpu_s": cpu_tps, "mfu": mfu, **mem}
+        print(f"{r.name:<16} {tps:>8.0f} {cpu_tps:>9.0f} {1000 * sorted(r.times)[len(r.times) // 2]:>7.0f} "
+              f"{mfu:>6.1%} {r.losses[0]:>8.4f} {mem.get('peak_rss_mb', nan):>11.0f} "
+              f"{mem.get('train_rss_mb', nan):>12.0f}"
+              + (f" {mem.get('cuda_max_allocated_mb', nan):>7.0f}" if device.type == "cuda" else ""))
     if len(runners) > 1:
         best = max(runners[1:], key=lambda r: results[r.name]["tokens_per_s"])
         nt, hf = results["nanotune"], results[best.name]
-        print(f"\nnanotune / {best.name} (the fastest HF setting): tokens/s x{nt['tokens_per_s'] / hf['tokens_per_s']:.2f}"
+        print(f"\nnanotune / {best.name} (the fastest HF setting): "
+              f"tokens/s x{nt['tokens_per_s'] / hf['tokens_per_s']:.2f}"
+              f", tokens per CPU-second x{nt['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}"
               + (f", peak RSS x{nt['peak_rss_mb'] / hf['peak_rss_mb']:.2f}, "
                  f"train RSS x{nt['train_rss_mb'] / hf['train_rss_mb']:.2f}" if "peak_rss_mb" in nt and
                  "peak_rss_mb" in hf else ""))
     print("json " + json.dumps({"mode": args.mode, "seq": args.seq, "hidden": args.hidden, "results": results}))
-
 
 if __name__ == "__main__":
     main(parse_args())
