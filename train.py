@@ -356,6 +356,10 @@ def train(args, strategy, d):
     metrics = Metrics(args.out, d.is_main, start_step if checkpoint else None)
 
     scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
+    if val and not checkpoint:
+        val_loss = evaluate(model, val, args.batch_size, pad_id, d, precision)
+        metrics.log(f"before training: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
+                    step=0, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
     if scored and not checkpoint:
         acc = exact_match(model, scored, tokenizer, d, precision)
         metrics.log(f"before training: exact match {acc:.1%} on {len(scored)} held-out rows", step=0,

@@ -43,6 +43,11 @@ def prompt_text(user: str, system: str = None) -> str:
     return (f"{system}\n\n" if system else "") + f"### Instruction:\n{user}\n\n### Response:\n"
 
 
+def alpaca_user(instruction: str, input_text: str = "") -> str:
+    """An Alpaca row's user turn: the instruction, then its input section when there is one."""
+    return instruction + (f"\n\n### Input:\n{input_text}" if input_text else "")
+
+
 def read_rows(path: str):
     """Yield (where, row) with where = 'file line N' (.jsonl) or 'file row N' (.json array)."""
     if not os.path.isfile(path):
@@ -106,10 +111,8 @@ def turns(row, where: str):
             raise UserError(f"{where}: the conversation has no assistant ('gpt') turn to learn from")
         return system, out
     if "instruction" in row or "output" in row:
-        user = field(row, "instruction", where)
-        extra = field(row, "input", where, required=False)
-        return system, [("user", user + (f"\n\n### Input:\n{extra}" if extra else "")),
-                        ("assistant", field(row, "output", where))]
+        user = alpaca_user(field(row, "instruction", where), field(row, "input", where, required=False))
+        return system, [("user", user), ("assistant", field(row, "output", where))]
     if "text" in row:
         return None, [("text", field(row, "text", where))]
     raise UserError(f"{where}: a row needs 'instruction' and 'output' (Alpaca), 'conversations' (ShareGPT) "

@@ -1,4 +1,4 @@
-"""Try a model: python -m nanotune.generate --model DIR [--adapter DIR] --prompt TEXT
+"""Try a model: python -m nanotune.generate --model DIR [--adapter DIR] --prompt TEXT [--input TEXT]
 
 The prompt is rendered with the training template (nanotune.data.prompt_text), so an adapter
 answers in the format it was trained on. No KV cache: each new token reruns the whole sequence,
@@ -10,7 +10,7 @@ import sys
 import torch
 
 from nanotune import UserError
-from nanotune.data import eos_id, load_tokenizer, prompt_text
+from nanotune.data import alpaca_user, eos_id, load_tokenizer, prompt_text
 from nanotune.lora import load_adapter
 from nanotune.model import from_pretrained
 
@@ -43,6 +43,7 @@ def main(argv=None):
     p.add_argument("--model", required=True, help="HF-layout GPT-NeoX folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter folder to apply on top of --model")
     p.add_argument("--prompt", required=True, help="the instruction text")
+    p.add_argument("--input", default="", help="the input the instruction works on (Alpaca's input field)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = all)")
@@ -56,7 +57,7 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     model.eval()
-    prompt = tokenizer.encode(prompt_text(args.prompt), add_special_tokens=False).ids
+    prompt = tokenizer.encode(prompt_text(alpaca_user(args.prompt, args.input)), add_special_tokens=False).ids
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, eos_id(tokenizer),
                    torch.Generator().manual_seed(args.seed))
     print(tokenizer.decode(new))

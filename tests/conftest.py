@@ -62,9 +62,10 @@ def tiny_data(tmp_path_factory):
 
 
 def run_train(*args, check=True, **kw):
-    """Run train.py in a subprocess, as a user would."""
+    """Run train.py in a subprocess, as a user would. One thread, as torchrun gives each process:
+    on these tiny models a second thread costs more in synchronisation than it gains."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, **kw)
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -21,10 +21,10 @@ def losses(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
-def kill_after_checkpoint(cmd, out, step, env=None):
+def kill_after_checkpoint(cmd, out, step):
     """Start a run, SIGKILL its whole process group as soon as checkpoint `step` exists."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=env)
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, "checkpoints", f"step-{step}")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -110,7 +110,8 @@ def test_previous_run_needs_resume_or_overwrite(tiny_model_dir, tiny_data, tmp_p
     assert proc.returncode == 1 and "holds a previous run; pass --resume" in proc.stderr
     run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2, "--batch-size", 2,
               "--eval-exact-match", 0, "--overwrite")
-    assert not os.path.exists(out / "checkpoints") and len(losses(out)) == 2  # the old run is gone
+    assert not os.path.exists(out / "checkpoints")  # the old run is gone
+    assert [r["step"] for r in losses(out)] == [0, 2, 2]  # eval before training, then step 2's loss and eval
 
 
 def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tiny_data, tmp_path):
