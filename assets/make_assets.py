@@ -1,20 +1,23 @@
 """Build nanotune's default assets: a tiny GPT-NeoX base model and an instruction dataset.
 
-Everything here is made from scratch, with no third-party text or weights, and is deterministic
-(seeded): run `python assets/make_assets.py` to rebuild assets/tiny-neox/ and assets/data/.
+Everything here is made from scratch, with no third-party text or weights, and is seeded: run
+`python assets/make_assets.py` to rebuild assets/tiny-neox/ and assets/data/ (about 6 minutes on
+2 CPU cores). Data and tokenizer come out byte-identical; the weights only with the same torch
+version and thread count, as float sums are ordered differently otherwise.
 
-Design. A fine-tuning demo should visibly learn within minutes on a laptop CPU. Teaching a tiny
-model a brand-new skill takes far longer than that, so the skill is put in at pre-training and
-the fine-tune only teaches the *format*, which is what instruction tuning mostly does for real:
+Design. A fine-tuning demo should visibly learn within a minute or two on a laptop CPU. Teaching
+a tiny model a brand-new skill takes far longer than that, so the skill is put in at pre-training
+and the fine-tune teaches the *format*, which is largely what instruction tuning does for real:
 
   * Pre-training documents apply five word-list operations (reverse, sort, uppercase, count,
-    last word) in terse made-up notations, e.g. "reverse: cat dog sun -> sun dog cat" or
-    "len(cat dog sun) = 3". Several notations per operation make the base model learn the
-    operation itself rather than one string pattern.
-  * The instruction data asks for the same operations in plain English under the Alpaca
-    template ("### Instruction: Reverse the order of these words. ### Input: ..."), which
-    the base model has never seen. Before fine-tuning it scores ~0% exact match; a LoRA on
-    the attention projections alone only has to map the new wording onto a known skill.
+    last word) in terse notations ("reverse: cat dog sun -> sun dog cat", "len(cat dog sun) = three")
+    and as English questions ("Q: Sort the words dog cat sun.\nA: cat dog sun"). Several surface
+    forms per operation make the base model learn the operation, not one string pattern.
+  * The instruction data asks for the same operations with other wordings, under the Alpaca
+    template ("### Instruction:\nReverse the order of these words.\n\n### Input:\n..."),
+    which the base model has never seen: before fine-tuning it scores 0% exact match (it
+    answers "A: ..." or rambles on). A LoRA on the attention projections alone then only has
+    to map the new format onto a known skill, and reaches ~90% after three epochs.
 
 Steps: (a) generate the corpus and the dataset, (b) train a byte-level BPE tokenizer on them,
 (c) pre-train a ~1M-parameter GPT-NeoX from random init, (d) save everything.
@@ -31,7 +34,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root, so `python assets/make_assets.py` finds nanotune
+from nanotune.generate import generate  # noqa: E402
 from nanotune.model import Config, GPTNeoX, save_pretrained  # noqa: E402
+
 SEED = 1234
 WORDS = ("ant bee cat cow dog elk fox hen owl pig rat yak apple bread cake corn egg fig grape "
          "honey lemon melon nut pear plum rice soup tea").split()
@@ -55,18 +60,26 @@ OPS = {
     "last": lambda w: w[-1],
 }
 
-# Pre-training notations: {x} is the input, {y} the answer. Some put the answer after a newline,
-# because byte-level BPE gives a word a different token at the start of a line ("cat") than after
-# a space (" cat"), and the instruction template puts input and answer at the start of lines.
+# Pre-training text states each operation in two families of surface forms, {x} the input, {y} the
+# answer. Terse notations teach the operation itself; English questions ("Q: ... A: ...") give the
+# words an instruction uses ("reverse", "alphabetical", "capital") a meaning in the base model.
+# Some notations put the answer at the start of a line, because byte-level BPE gives a word a
+# different token there ("cat") than after a space (" cat"), and the template puts answers there.
 NOTATIONS = {
-    "reverse": ["reverse: {x} -> {y}", "{x} reversed is {y}", "backwards({x}) = {y}", "reverse\n{x}\n=>\n{y}"],
-    "sort": ["sort: {x} -> {y}", "{x} sorted is {y}", "alphabetical({x}) = {y}", "sort\n{x}\n=>\n{y}"],
-    "upper": ["upper: {x} -> {y}", "{x} in capitals is {y}", "caps({x}) = {y}", "upper\n{x}\n=>\n{y}"],
-    "count": ["count: {x} -> {y}", "{x} has {y} words", "len({x}) = {y}", "count\n{x}\n=>\n{y}"],
-    "last": ["last: {x} -> {y}", "the last of {x} is {y}", "last({x}) = {y}", "last\n{x}\n=>\n{y}"],
+    "reverse": ["reverse: {x} -> {y}", "backwards({x}) = {y}", "reverse\n{x}\n=>\n{y}",
+                "Q: Reverse the words {x}.\nA: {y}", "Q: What is {x} written backwards?\nA: {y}"],
+    "sort": ["sort: {x} -> {y}", "alphabetical({x}) = {y}", "sort\n{x}\n=>\n{y}",
+             "Q: Sort the words {x}.\nA: {y}", "Q: What is {x} in alphabetical order?\nA: {y}"],
+    "upper": ["upper: {x} -> {y}", "caps({x}) = {y}", "upper\n{x}\n=>\n{y}",
+              "Q: Write {x} in uppercase.\nA: {y}", "Q: What is {x} in capital letters?\nA: {y}"],
+    "count": ["count: {x} -> {y}", "len({x}) = {y}", "count\n{x}\n=>\n{y}",
+              "Q: Count the words in {x}.\nA: {y}", "Q: How many words does {x} have?\nA: {y}"],
+    "last": ["last: {x} -> {y}", "last({x}) = {y}", "last\n{x}\n=>\n{y}",
+             "Q: What is the last word of {x}?\nA: {y}", "Q: Which word comes last in {x}?\nA: {y}"],
 }
 
-# Instruction wordings, deliberately unlike the notations above: this is what the fine-tune learns.
+# Instruction wordings, none of them seen in pre-training, and the input on its own line:
+# the fine-tune learns this format, the Alpaca template, and the end-of-answer EOS.
 INSTRUCTIONS = {
     "reverse": ["Reverse the order of these words.", "Write the words backwards, last one first."],
     "sort": ["Sort these words alphabetically.", "Put the words in alphabetical order."],
@@ -134,7 +147,8 @@ def pretrain(model, stream, steps, batch, seq, lr, warmup, rng):
     gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
     start = time.time()
     for step in range(1, steps + 1):
-        scale = step / warmup if step <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        progress = max(0.0, (step - warmup) / (steps - warmup))  # linear warm-up, then cosine to lr / 10
+        scale = step / warmup if step <= warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
         for g in opt.param_groups:
             g["lr"] = lr * scale
         at = torch.randint(0, len(stream) - seq - 1, (batch,), generator=gen)
@@ -151,7 +165,6 @@ def pretrain(model, stream, steps, batch, seq, lr, warmup, rng):
 
 def main():
     torch.manual_seed(SEED)
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
     rng = random.Random(SEED)
 
     corpus = make_corpus(rng, 120_000)
@@ -186,6 +199,12 @@ def main():
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"saved {out} and {os.path.join(HERE, 'data', 'train.jsonl')}")
+
+    # What the base model can and cannot do: the skill in its own notations, not yet the template.
+    model.eval()
+    template = render(rows[0]).split("### Response:\n")[0] + "### Response:\n"
+    for prompt in ("reverse: owl cat fig ->", "Q: How many words does egg tea nut rice have?\nA:", template):
+        print(f"  {prompt!r} -> {tok.decode(generate(model, tok.encode(prompt).ids, 12, eos=eos))!r}")
 
 
 if __name__ == "__main__":
