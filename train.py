@@ -262,7 +262,10 @@ def train(args, strategy, d):
                         "use ddp, or fsdp with --load-in-4bit")
     if args.load_in_8bit and strategy == "fsdp":
         raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
-                        "FSDP cannot split); use --strategy ddp, or --load-in-4bit with FSDP")
+                        "FSDP cannot split); use --strategy ddp")
+    if args.load_in_4bit and strategy == "fsdp":
+        raise UserError("--load-in-4bit with --strategy fsdp is not supported yet (the first sharded forward "
+                        "hangs on CPU); use --strategy ddp for a 4-bit base")
     if args.fsdp_offload and (strategy != "fsdp" or d.device.type != "cuda"):
         raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
                         "on CUDA (on a CPU run the weights are in CPU memory already)")
@@ -282,11 +285,9 @@ def train(args, strategy, d):
         print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
 
     # Model. Under FSDP only rank 0 reads the checkpoint; the others build it on the meta device
-    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading). A 4-bit
-    # base is the exception: each rank quantizes real weights itself (quantization is deterministic).
+    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading).
     quant_bits = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
-    broadcast = strategy == "fsdp" and quant_bits is None
-    on_meta = broadcast and not d.is_main
+    on_meta = strategy == "fsdp" and not d.is_main
     model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else d.device)
     tokenizer = load_tokenizer(args.model)
     if quant_bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
@@ -304,7 +305,7 @@ def train(args, strategy, d):
 
     # Precision, then the distributed wrapper, then the optimizer over what is trainable.
     if strategy == "fsdp":
-        full = model.state_dict() if d.is_main and broadcast else None
+        full = model.state_dict() if d.is_main else None
         mixed = precision.compute_dtype if precision.autocast else None
         model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed, full)
     else:

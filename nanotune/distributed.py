@@ -9,6 +9,7 @@ import datetime
 import json
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,15 +82,6 @@ def all_reduce_sum(values: list) -> list:
     return t.tolist()
 
 
-def broadcast_object(obj):
-    """Rank 0's value of a small picklable-free object (str, int, list) on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, device=dist_device())
-    return box[0]
-
-
 def dist_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -132,9 +124,8 @@ def wrap_fsdp(model, d: Dist, sharding="full", prefetch=False, offload=False, pa
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
             block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
-    if full_state is not None or not d.is_main:
-        set_model_state_dict(model, full_state if d.is_main else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(model, full_state if d.is_main else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
@@ -221,6 +212,8 @@ def wrap_deepspeed(model, optimizer, d: Dist, config):
     """The DeepSpeed engine around `model`, on the process group compute_init made. The engine's
     forward is the model's; engine.backward / engine.step replace loss.backward / optimizer.step."""
     os.environ.setdefault("DS_ACCELERATOR", d.device.type)  # else a CPU run on a GPU box picks CUDA
+    warnings.filterwarnings("ignore", category=FutureWarning,  # DeepSpeed still calls the old collective names
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     try:
         import deepspeed
     except ImportError:

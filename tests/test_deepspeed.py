@@ -1,5 +1,7 @@
 """--strategy deepspeed on CPU with gloo: ZeRO-2 and ZeRO-3, LoRA and full fine-tune, 2 processes,
-against DDP with the same global batch; complete saved files; resume. Skipped without deepspeed."""
+against DDP with the same global batch; complete saved files; resume. Skipped without deepspeed
+(but for the test of the message a user without it gets)."""
+import importlib.util
 import json
 import os
 import shutil
@@ -10,11 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("deepspeed")
+from conftest import ROOT
+from nanotune import UserError
+from nanotune.distributed import Dist, wrap_deepspeed
+from nanotune.lora import load_adapter
+from nanotune.model import from_pretrained
 
-from conftest import ROOT  # noqa: E402
-from nanotune.lora import load_adapter  # noqa: E402
-from nanotune.model import from_pretrained  # noqa: E402
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+def test_missing_deepspeed_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
+    with pytest.raises(UserError, match=r"needs DeepSpeed: pip install nanotune\[deepspeed\]"):
+        wrap_deepspeed(None, None, Dist(), {})
+
 
 STEPS = ["--max-steps", 4, "--batch-size", 2, "--grad-accum", 2, "--log-every", 1, "--eval-every", 2,
          "--eval-exact-match", 0, "--lora-dropout", 0, "--save-every", 2]
@@ -44,6 +55,7 @@ def ddp(tiny_model_dir, tiny_data, tmp_path_factory):
     return runs
 
 
+@needs_deepspeed
 @pytest.mark.parametrize("stage,lora", [(2, True), (3, True), (3, False)])
 def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tmp_path, ddp, stage, lora):
     common = ["--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--strategy", "deepspeed",
@@ -73,6 +85,7 @@ def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tm
         assert (again / name).read_bytes() == (ds / name).read_bytes()
 
 
+@needs_deepspeed
 def test_deepspeed_config_file_is_merged_and_checked(tiny_model_dir, tiny_data, tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
