@@ -69,3 +69,18 @@ def run_train(*args, check=True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_torchrun(port, *args):
+    """train.py under torchrun with 2 processes (gloo on CPU); fails the test if the job fails."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "train.py", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc
+
+
+def trajectory(out):
+    """The training and evaluation losses a run logged, in order."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [r.get("loss", r.get("eval_loss")) for r in rows]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, run_torchrun, trajectory
 from nanotune import UserError
 from nanotune.distributed import Dist, wrap_deepspeed
 from nanotune.lora import load_adapter
@@ -31,26 +31,13 @@ STEPS = ["--max-steps", 4, "--batch-size", 2, "--grad-accum", 2, "--log-every", 
          "--eval-exact-match", 0, "--lora-dropout", 0, "--save-every", 2]
 
 
-def torchrun(port, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "train.py", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    return proc
-
-
-def losses(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return [r.get("loss", r.get("eval_loss")) for r in rows]
-
-
 @pytest.fixture(scope="module")
 def ddp(tiny_model_dir, tiny_data, tmp_path_factory):
     """The DDP reference runs, LoRA and full, with the same global batch."""
     runs = {}
     for lora in (True, False):
         runs[lora] = tmp_path_factory.mktemp("ddp") / "out"
-        torchrun(29960 + lora, "--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--out", runs[lora],
+        run_torchrun(29960 + lora, "--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--out", runs[lora],
                  "--strategy", "ddp", *([] if lora else ["--no-lora"]))
     return runs
 
@@ -61,9 +48,9 @@ def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tm
     common = ["--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--strategy", "deepspeed",
               "--zero-stage", stage] + ([] if lora else ["--no-lora"])
     ds, ref_out = tmp_path / "ds", ddp[lora]
-    proc = torchrun(29970 + stage + 5 * lora, *common, "--out", ds)
+    proc = run_torchrun(29970 + stage + 5 * lora, *common, "--out", ds)
     assert f"strategy deepspeed ZeRO-{stage}, 2 process(es)" in proc.stdout
-    assert losses(ds) == pytest.approx(losses(ref_out), abs=1e-5)
+    assert trajectory(ds) == pytest.approx(trajectory(ref_out), abs=1e-5)
     if lora:
         mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (ds, ref_out))
         assert mine.keys() == ref.keys() and all(v.numel() > 0 for v in mine.values())  # not ZeRO-3 placeholders
@@ -79,8 +66,8 @@ def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tm
         again = tmp_path / "again"
         os.makedirs(again)
         shutil.copytree(ds / "checkpoints", again / "checkpoints")
-        torchrun(29990, *common, "--out", again, "--resume", again / "checkpoints" / "step-2")
-        assert losses(again) == losses(ds)[-len(losses(again)):]
+        run_torchrun(29990, *common, "--out", again, "--resume", again / "checkpoints" / "step-2")
+        assert trajectory(again) == trajectory(ds)[-len(trajectory(again)):]
         name = "adapter/adapter_model.safetensors"
         assert (again / name).read_bytes() == (ds / name).read_bytes()
 

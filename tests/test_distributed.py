@@ -1,5 +1,4 @@
 """DDP and FSDP on CPU with gloo: 2 processes match 1 process with the same global batch."""
-import json
 import os
 import signal
 import subprocess
@@ -10,25 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_torchrun, run_train, trajectory
 from nanotune.lora import load_adapter
 from nanotune.model import from_pretrained
 
 COMMON = ["--max-steps", 4, "--batch-size", 2, "--log-every", 1, "--eval-every", 2, "--eval-exact-match", 0,
           "--lora-dropout", 0]
-
-
-def torchrun(port, *args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(port), "train.py", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def trajectory(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return [r.get("loss", r.get("eval_loss")) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +30,7 @@ def single(tiny_model_dir, tiny_data, tmp_path_factory):
                                             ("fsdp", ["--fsdp-sharding", "hybrid", "--fsdp-prefetch"])])
 def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, strategy, extra):
     out = tmp_path / "out"
-    proc = torchrun(29901 + len(extra) + 5 * ("hybrid" in extra), "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *COMMON,
+    proc = run_torchrun(29901 + len(extra) + 5 * ("hybrid" in extra), "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *COMMON,
                     "--grad-accum", 2, "--strategy", strategy, *extra)
     assert "global batch 8 rows = micro-batch 2 x grad-accum 2 x 2 process(es)" in proc.stdout
     assert trajectory(out) == pytest.approx(trajectory(single), abs=1e-6)
@@ -59,7 +45,7 @@ def test_fsdp_full_fine_tune_saves_the_whole_model(tiny_model_dir, tiny_data, tm
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", single, *COMMON, "--grad-accum", 4,
               "--no-lora")
-    torchrun(29911, "--model", tiny_model_dir, "--data", tiny_data, "--out", fsdp, *COMMON, "--grad-accum", 2,
+    run_torchrun(29911, "--model", tiny_model_dir, "--data", tiny_data, "--out", fsdp, *COMMON, "--grad-accum", 2,
              "--no-lora", "--strategy", "fsdp")
     assert trajectory(fsdp) == pytest.approx(trajectory(single), abs=1e-6)
     base = from_pretrained(tiny_model_dir).state_dict()

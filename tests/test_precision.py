@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 
 from conftest import run_train, tiny_config
