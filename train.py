@@ -146,6 +146,22 @@ def check_args(args):
         raise UserError(f"--out {args.out} is not writable ({e.strerror}); choose a folder you can write to") from None
 
 
+def check_combination(args, strategy, d):
+    """Flags that contradict the strategy or the device, once both are known."""
+    if quantized(args) and strategy == "deepspeed":
+        raise UserError("a quantized base (--load-in-8bit/4bit) is not supported with --strategy deepspeed; "
+                        "use --strategy ddp")
+    if args.load_in_8bit and strategy == "fsdp":
+        raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
+                        "FSDP cannot split); use --strategy ddp")
+    if args.load_in_4bit and strategy == "fsdp":
+        raise UserError("--load-in-4bit with --strategy fsdp is not supported yet (the first sharded forward "
+                        "hangs on CPU); use --strategy ddp for a 4-bit base")
+    if args.fsdp_offload and (strategy != "fsdp" or d.device.type != "cuda"):
+        raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
+                        "on CUDA (on a CPU run the weights are in CPU memory already)")
+
+
 def check_resume(saved: dict, args, world_size: int):
     """Refuse a resume whose flags would change the math of the run it continues."""
     now = {**vars(args), "world_size": world_size}
@@ -257,18 +273,7 @@ def main(args):
 
 def train(args, strategy, d):
     precision = resolve(args.precision, d.device)
-    if quantized(args) and strategy == "deepspeed":
-        raise UserError("a quantized base (--load-in-8bit/4bit) is not supported with --strategy deepspeed; "
-                        "use ddp, or fsdp with --load-in-4bit")
-    if args.load_in_8bit and strategy == "fsdp":
-        raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
-                        "FSDP cannot split); use --strategy ddp")
-    if args.load_in_4bit and strategy == "fsdp":
-        raise UserError("--load-in-4bit with --strategy fsdp is not supported yet (the first sharded forward "
-                        "hangs on CPU); use --strategy ddp for a 4-bit base")
-    if args.fsdp_offload and (strategy != "fsdp" or d.device.type != "cuda"):
-        raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
-                        "on CUDA (on a CPU run the weights are in CPU memory already)")
+    check_combination(args, strategy, d)
     torch.manual_seed(args.seed)
 
     # Resume? Decided first, so a resume with other flags fails before anything is loaded.
