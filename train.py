@@ -280,7 +280,10 @@ def train(args, strategy, d):
     if args.overwrite and not args.resume and d.is_main:
         for name in ("metrics.jsonl", "checkpoints", "adapter", "model", "merged"):
             path = os.path.join(args.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
     barrier()
     checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
     if checkpoint:

@@ -115,19 +115,15 @@ def save_checkpoint(out, step, tensors, trainer, rank, keep):
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
         os.makedirs(tmp)
     barrier()
-    mine = []
-    if tensors:
-        save_file(tensors, os.path.join(tmp, f"state-rank{rank}.safetensors"))
-        mine.append(f"state-rank{rank}.safetensors")
     rng_tensors, rng_plain = rng_state()
-    save_file(rng_tensors, os.path.join(tmp, f"rng-rank{rank}.safetensors"))
-    write_json(os.path.join(tmp, f"rng-rank{rank}.json"), rng_plain)
-    mine += [f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"]
+    for name, content in ((f"state-rank{rank}.safetensors", tensors), (f"rng-rank{rank}.safetensors", rng_tensors)):
+        if content:
+            save_file(content, os.path.join(tmp, name))
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+    write_json(os.path.join(tmp, f"rng-rank{rank}.json"), rng_plain)  # write_json fsyncs
     if rank == 0:
         write_json(os.path.join(tmp, "trainer.json"), trainer)
-    for name in mine:
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
     barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
