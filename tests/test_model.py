@@ -5,11 +5,13 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import make_model_dir, tiny_config
 from nanotune import UserError
-from nanotune.model import GPTNeoX, from_pretrained, save_pretrained
+from nanotune.lora import inject_lora
+from nanotune.model import GPTNeoX, LinearCrossEntropy, from_pretrained, save_pretrained
 
 
 def reference_logits(sd, cfg, ids):
@@ -83,6 +85,55 @@ def test_logits_match_naive_reference(tmp_path, overrides):
     ids = torch.randint(0, 320, (1, 9), generator=g)
     ref = reference_logits(sd, tiny_config(**overrides), ids[0])
     torch.testing.assert_close(model(ids)[0], ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fused_loss_matches_autograd(dtype, tol, head_trains):
+    """Loss and gradients of LinearCrossEntropy against F.linear + F.cross_entropy through autograd.
+    300 rows in chunks of 64 (the last one ragged), each chunk in softmax blocks of CPU_ROWS."""
+    torch.manual_seed(0)
+    N, C, V = 300, 32, 97
+    h = torch.randn(N, C, requires_grad=True)
+    w = torch.randn(V, C, requires_grad=head_trains)
+    targets = torch.randint(0, V, (N,))
+    ref = F.cross_entropy(F.linear(h.to(dtype), w.to(dtype)).float(), targets, reduction="sum")
+    ref_grads = torch.autograd.grad(0.5 * ref, [h, w] if head_trains else [h])
+    loss = LinearCrossEntropy.apply(h.to(dtype), w.to(dtype), targets, 64)
+    grads = torch.autograd.grad(0.5 * loss, [h, w] if head_trains else [h])  # the backward scales by 0.5
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=tol, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(LinearCrossEntropy.apply(h.to(dtype), w.to(dtype), targets, 64), ref)
+
+
+@pytest.mark.parametrize("setup", ["lora", "full", "tied", "lora-on-head"])
+def test_loss_sum_matches_cross_entropy_of_the_logits(setup):
+    """model(ids, labels) is the summed cross-entropy of model(ids)'s logits where labels != -100,
+    with the same gradients for every trainable parameter, whichever path the head takes."""
+    torch.manual_seed(0)
+    model = GPTNeoX(tiny_config(tie_word_embeddings=setup == "tied"))
+    if setup in ("lora", "lora-on-head"):
+        inject_lora(model, ["query_key_value", "embed_out"] if setup == "lora-on-head" else ["query_key_value"],
+                    r=4, alpha=8, dropout=0.0)
+        for m in model.modules():  # B starts at zero; make the adapter do something
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    else:
+        model.requires_grad_(True)
+    ids = torch.randint(0, 320, (3, 20))
+    labels = torch.cat((ids[:, 1:], torch.full((3, 1), -100)), dim=1)
+    labels[0, :5] = -100  # a prompt that is not trained on
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(ids, labels)
+    grads = torch.autograd.grad(loss, params)
+    ref = F.cross_entropy(model(ids).flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 def test_hf_key_names_and_shapes():
