@@ -82,6 +82,14 @@ def all_reduce_sum(values: list) -> list:
     return t.tolist()
 
 
+def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank; the other ranks pass a placeholder of its shape and dtype (on the
+    meta device, say) and get a new tensor. Every rank must call this, in the same order."""
+    out = t if dist.get_rank() == 0 else torch.empty(t.shape, dtype=t.dtype, device=dist_device())
+    dist.broadcast(out, src=0)
+    return out
+
+
 def dist_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
