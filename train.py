@@ -21,9 +21,9 @@ from nanotune import UserError
 from nanotune.checkpoint import (atomic_dir, find_checkpoint, local_state, read_state, read_trainer,
                                  restore_local_state, restore_rng, save_checkpoint)
 from nanotune.data import Batches, collate, eos_id, load_examples, load_tokenizer, split
-from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init, deepspeed_config,
-                                  ds_load_optimizer_state, ds_optimizer_state, full_state_dict, print0, wrap_ddp,
-                                  wrap_deepspeed, wrap_fsdp)
+from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
+                                  deepspeed_config, ds_load_optimizer_state, ds_optimizer_state, full_state_dict,
+                                  print0, wrap_ddp, wrap_deepspeed, wrap_fsdp)
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
@@ -154,9 +154,10 @@ def check_combination(args, strategy, d):
     if args.load_in_8bit and strategy == "fsdp":
         raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
                         "FSDP cannot split); use --strategy ddp")
-    if args.load_in_4bit and strategy == "fsdp":
-        raise UserError("--load-in-4bit with --strategy fsdp is not supported yet (the first sharded forward "
-                        "hangs on CPU); use --strategy ddp for a 4-bit base")
+    if args.load_in_4bit and strategy == "fsdp" and args.precision == "bf16-true":
+        raise UserError("--precision bf16-true with --load-in-4bit is not supported under --strategy fsdp (the "
+                        "parameters stay fp32, and bitsandbytes casts each gathered bias to bf16 in place, out of "
+                        "FSDP's reach: a trained bias would never change); use --precision bf16")
     if args.fsdp_offload and (strategy != "fsdp" or d.device.type != "cuda"):
         raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
                         "on CUDA (on a CPU run the weights are in CPU memory already)")
@@ -293,13 +294,17 @@ def train(args, strategy, d):
         print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
 
     # Model. Under FSDP only rank 0 reads the checkpoint; the others build it on the meta device
-    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading).
+    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading). A 4-bit
+    # base needs its quantization state on every rank: rank 0 broadcasts each base Linear's weight in
+    # turn and every rank quantizes it (the same codes from the same weights), so the other ranks
+    # hold at most one full-precision Linear at a time, next to the 4-bit ones until they are sharded.
     quant_bits = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
     on_meta = strategy == "fsdp" and not d.is_main
     model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else d.device)
     tokenizer = load_tokenizer(args.model)
     if quant_bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
-        quantize(model, quant_bits, precision.compute_dtype, args.double_quant)
+        quantize(model, quant_bits, precision.compute_dtype, args.double_quant,
+                 fetch=broadcast_from_rank0 if strategy == "fsdp" else None)
     if args.adapter:
         load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
     elif args.lora:

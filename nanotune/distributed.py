@@ -11,6 +11,7 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 import torch.distributed as dist
@@ -110,7 +111,17 @@ def wrap_fsdp(model, d: Dist, sharding="full", prefetch=False, offload=False, pa
     keep them until backward), 'hybrid' (HYBRID_SHARD: shard within a node, replicate across
     nodes, over a 2-D device mesh). Ranks other than 0 built the model on the meta device; rank
     0's `full_state` is broadcast and each rank keeps only its shard (cpu_ram_efficient_loading
-    + sync_module_states)."""
+    + sync_module_states).
+
+    A 4-bit base (QLoRA) is sharded too, not replicated (fully_shard's ignored_params): the codes
+    are most of what a large base weighs (a 70B model's are 35 GB). A Linear4bit's weight holds the
+    packed NF4 codes, uint8 (out * in / 2, 1), two per byte; its quant_state holds one absmax per
+    block of 64 weights ((out * in / 64,) fp32, or uint8 plus nested scales with --double-quant) and
+    the 16 NF4 levels. FSDP2 splits the codes on dim 0 like any parameter and all-gathers them as
+    bytes, never cast by param_dtype (they are not floats). The gathered weight is a plain Parameter
+    without quant_state; Linear4bit.forward re-attaches the layer's own (bitsandbytes' provision
+    for FSDP), which every rank keeps whole: 1/8 of the codes' bytes (1/31 with --double-quant).
+    quantize() built that state on every rank, so only parameters are broadcast here."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -132,6 +143,11 @@ def wrap_fsdp(model, d: Dist, sharding="full", prefetch=False, offload=False, pa
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
             block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
+    if d.is_main:  # set_model_state_dict loads parameters and buffers (tied ones under each name) and
+        # rejects any other entry, such as those bitsandbytes adds for a 4-bit weight (weight.absmax, ...)
+        names = {n for n, _ in chain(model.named_parameters(remove_duplicate=False),
+                                     model.named_buffers(remove_duplicate=False))}
+        full_state = {k: v for k, v in full_state.items() if k in names}
     set_model_state_dict(model, full_state if d.is_main else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
