@@ -155,9 +155,9 @@ def check_combination(args, strategy, d):
         raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
                         "FSDP cannot split); use --strategy ddp")
     if args.load_in_4bit and strategy == "fsdp" and args.precision == "bf16-true":
-        raise UserError("--precision bf16-true with --load-in-4bit is not supported under --strategy fsdp (the "
-                        "parameters stay fp32, and bitsandbytes casts each gathered bias to bf16 in place, out of "
-                        "FSDP's reach: a trained bias would never change); use --precision bf16")
+        raise UserError("--precision bf16-true with --load-in-4bit is not supported under --strategy fsdp (FSDP2 "
+                        "cannot all-gather a block whose packed 4-bit codes sit beside both bf16 weights and fp32 "
+                        "LoRA weights); use --precision bf16")
     if args.fsdp_offload and (strategy != "fsdp" or d.device.type != "cuda"):
         raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
                         "on CUDA (on a CPU run the weights are in CPU memory already)")
@@ -317,12 +317,13 @@ def train(args, strategy, d):
     n_all = sum(p.numel() for p in model.parameters())
 
     # Precision, then the distributed wrapper, then the optimizer over what is trainable.
+    model = cast_frozen(model, precision)
     if strategy == "fsdp":
         full = model.state_dict() if d.is_main else None
         mixed = precision.compute_dtype if precision.autocast else None
         model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed, full)
     else:
-        model = cast_frozen(model, precision).to(d.device)
+        model = model.to(d.device)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP
     if strategy == "ddp":
         model = wrap_ddp(model, d)
@@ -443,7 +444,7 @@ def train(args, strategy, d):
         print0(f"saved {os.path.join(args.out, name)}")
         if args.merge and name == "adapter":
             merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
-                          args.num_layers, quant_bits)
+                          args.num_layers, quant_bits, args.double_quant)
             print0(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)")
     barrier()
 

@@ -125,6 +125,15 @@ def inject_lora(model: nn.Module, target_modules=("query_key_value",), r=8, alph
                          else list(target_modules), "bias": bias,
                          "modules_to_save": list(modules_to_save) or None, "use_rslora": rslora,
                          "layers_to_transform": list(layers) if layers is not None else None}
+    owners = {}  # a tied tensor (tie_word_embeddings) is one parameter under several names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(p, []).append(name)
+    for names in owners.values():
+        trained = [n for n in names if is_adapter_param(n, model.lora_config)]
+        if len(names) > 1 and trained:
+            other = next(n for n in names if n != trained[0])
+            raise UserError(f"--modules-to-save cannot train {trained[0]}: it is one tensor with {other} "
+                            "(tied embeddings), which the adapter would change too; leave it out")
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_param(name, model.lora_config))
     return model

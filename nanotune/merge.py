@@ -14,13 +14,13 @@ from nanotune.model import from_pretrained, save_pretrained
 from nanotune.quantize import dequantize, quantize
 
 
-def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=None):
-    """quant_bits: the adapter was trained on an int8 (8) or NF4 (4) base. The base is quantized the
-    same way, deterministically, then dequantized, so the merged weights are what the adapter
-    trained against, rounding included (a warning says so)."""
+def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=None, double_quant=False):
+    """quant_bits: the adapter was trained on an int8 (8) or NF4 (4) base (double_quant: with its block
+    scales quantized too). The base is quantized the same way, deterministically, then dequantized,
+    so the merged weights are what the adapter trained against, rounding included (a warning says so)."""
     model = from_pretrained(model_dir, num_layers=num_layers)
     if quant_bits:
-        model = quantize(model, quant_bits)
+        model = quantize(model, quant_bits, double_quant=double_quant)
     model = load_adapter(model, adapter_dir)
     if quant_bits:
         model = dequantize(model)

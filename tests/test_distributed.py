@@ -55,6 +55,16 @@ def test_fsdp_full_fine_tune_saves_the_whole_model(tiny_model_dir, tiny_data, tm
         assert not torch.equal(b[key], base[key])
 
 
+def test_fsdp_bf16_true_stores_and_computes_in_bf16(tiny_model_dir, tiny_data, tmp_path, single):
+    """bf16-true under FSDP: the same trajectory as one bf16-true process, which is not the fp32 one."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    flags = ["--model", tiny_model_dir, "--data", tiny_data, *COMMON, "--precision", "bf16-true"]
+    run_train(*flags, "--out", one, "--grad-accum", 4)
+    run_torchrun(29946, *flags, "--out", fsdp, "--grad-accum", 2, "--strategy", "fsdp")
+    assert trajectory(fsdp) == pytest.approx(trajectory(one), abs=1e-5)
+    assert trajectory(fsdp) != pytest.approx(trajectory(single), abs=1e-5)
+
+
 def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
     """QLoRA under FSDP: rank 0 alone reads the checkpoint, every rank quantizes the weights it
     broadcasts, FSDP shards the packed NF4 codes. Width 64: bitsandbytes' 4-bit blocks hold 64 weights."""
@@ -63,7 +73,7 @@ def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     flags = ["--model", model, "--data", tiny_data, *COMMON, "--load-in-4bit", "--double-quant"]
     run_train(*flags, "--out", single, "--grad-accum", 4)
-    run_torchrun(29751, *flags, "--out", fsdp, "--grad-accum", 2, "--strategy", "fsdp")
+    run_torchrun(29945, *flags, "--out", fsdp, "--grad-accum", 2, "--strategy", "fsdp")
     # Measured: within 4e-7 (float32 sums taken in another order), as without quantization.
     assert trajectory(fsdp) == pytest.approx(trajectory(single), abs=1e-5)
     mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (fsdp, single))

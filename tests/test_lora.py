@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from conftest import tiny_config
 from nanotune import UserError
 from nanotune.lora import LoRALinear, inject_lora, load_adapter, merge, save_adapter, unload, unmerge
-from nanotune.model import from_pretrained
+from nanotune.model import GPTNeoX, from_pretrained
 
 
 def seq():
@@ -173,8 +174,11 @@ def test_mismatched_adapter_is_a_clear_error(tiny_model_dir, tmp_path):
     ({"target_modules": ["q_proj"]}, "matches no Linear module; the model's Linear modules are: "
                                      "dense, dense_4h_to_h, dense_h_to_4h, embed_out, query_key_value"),
     ({"modules_to_save": ["lm_head"]}, "--modules-to-save 'lm_head' matches no module"),
+    ({"modules_to_save": ["embed_out"], "tied": True}, "cannot train embed_out.weight: it is one tensor with"),
     ({"layers": [7]}, "with --lora-layers"),
 ])
 def test_bad_options_name_the_flag(tiny_model_dir, kwargs, message):
+    model = GPTNeoX(tiny_config(tie_word_embeddings=True)) if kwargs.pop("tied", False) else \
+        from_pretrained(tiny_model_dir)
     with pytest.raises(UserError, match=message):
-        inject_lora(from_pretrained(tiny_model_dir), **kwargs)
+        inject_lora(model, **kwargs)

@@ -11,6 +11,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from conftest import tiny_config  # noqa: E402
 from nanotune import UserError  # noqa: E402
 from nanotune.lora import LoRALinear, inject_lora, load_adapter, save_adapter, unload  # noqa: E402
+from nanotune.merge import merge_adapter  # noqa: E402
 from nanotune.model import GPTNeoX, from_pretrained, save_pretrained  # noqa: E402
 from nanotune.quantize import dequantize, dequantized_weight, quantize, weight_bytes  # noqa: E402
 
@@ -164,6 +165,23 @@ def test_dequantize_and_unload_export_a_plain_model(bits, double_quant, tmp_path
     exported = from_pretrained(str(tmp_path))
     with torch.no_grad():
         got = exported(ids)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_adapter_rebuilds_the_double_quantized_base(tmp_path):
+    """train.py --merge with --load-in-4bit --double-quant merges onto the rounding the adapter trained on."""
+    save_pretrained(tiny_model(), str(tmp_path / "base"))
+    model = lora_model(4, double_quant=True)
+    _, ids = train(model, 4)
+    save_adapter(model, str(tmp_path / "adapter"))
+    model.train()  # see test_adapter_moves_to_the_unquantized_base
+    with torch.no_grad():
+        expected = model(ids)
+    with pytest.warns(UserWarning, match="quantization rounding"):
+        merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), quant_bits=4,
+                      double_quant=True)
+    with torch.no_grad():
+        got = from_pretrained(str(tmp_path / "merged"))(ids)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
