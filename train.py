@@ -312,6 +312,11 @@ def train(args, strategy, d):
                     args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)
     else:
         model.requires_grad_(True)
+    if quant_bits and precision.autocast and model.lora_config["bias"] != "none":
+        raise UserError(f"trained biases (bias mode {model.lora_config['bias']!r}) on a quantized base need --precision "
+                        "32: bitsandbytes casts its layers' biases to the compute dtype in place, so under "
+                        f"{precision.name} they would train in {str(precision.compute_dtype)[6:]}; "
+                        "or use --lora-bias none")
     core = model  # the unwrapped model: its config, lora_config and parameter names
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
