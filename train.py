@@ -313,8 +313,8 @@ def train(args, strategy, d):
     else:
         model.requires_grad_(True)
     if quant_bits and precision.autocast and model.lora_config["bias"] != "none":
-        raise UserError(f"trained biases (bias mode {model.lora_config['bias']!r}) on a quantized base need --precision "
-                        "32: bitsandbytes casts its layers' biases to the compute dtype in place, so under "
+        raise UserError(f"trained biases (bias mode {model.lora_config['bias']!r}) on a quantized base need "
+                        "--precision 32: bitsandbytes casts its layers' biases to the compute dtype in place, so under "
                         f"{precision.name} they would train in {str(precision.compute_dtype)[6:]}; "
                         "or use --lora-bias none")
     core = model  # the unwrapped model: its config, lora_config and parameter names

@@ -34,6 +34,10 @@ What one run does:
      FLOPs per CPU-second / GEMM FLOPs per CPU-second), so a busy machine lowers neither alone;
      on an idle machine with every thread busy that equals the wall-clock MFU.
 
+With --strategy ddp|fsdp, under torchrun, each process trains nanotune wrapped as train.py wraps it
+on its own --batch rows (data parallelism: N processes train N times the rows per step), and
+tokens/s counts all of them; bench/scaling.py runs that for 1 and 2 processes side by side.
+
 transformers and peft are imported only for --compare-hf; nanotune never depends on them. For
 HF's bf16 the bench runs both of its usual settings, autocast over fp32 weights and the model
 loaded in bf16 (dtype=torch.bfloat16, peft keeps LoRA in fp32), and ratios use the faster one.
@@ -82,6 +86,8 @@ def parse_args(argv=None):
     a("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps of each runner "
       "with torch.profiler and print the top operators by self time")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    a("--strategy", default="none", choices=["none", "ddp", "fsdp"], help="under torchrun: nanotune wrapped "
+      "as train.py wraps it, --batch rows per process; tokens/s counts every process (default: %(default)s)")
     a("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core); on a machine "
       "shared with other work, 1 avoids OpenMP threads waiting on a descheduled sibling")
     a("--seed", type=int, default=0, help="seed for the model weights and the token batches")
@@ -298,10 +304,40 @@ def profile(runner, batch_list, steps, device):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
 
 
+def run_distributed(args):
+    """One rank of `torchrun --nproc_per_node N bench.py --strategy ddp|fsdp`. Each rank trains its
+    own rows; every step ends in a collective, so rank 0's step time is the slowest rank's."""
+    from nanotune.distributed import compute_cleanup, compute_init, wrap_ddp, wrap_fsdp
+    strategy, d = compute_init(args.strategy, args.device)
+    with tempfile.TemporaryDirectory() as tmp:  # the same seeded weights on every rank
+        write_model(args, tmp)
+        built = build_nanotune(args, tmp, d.device)
+    model = built.model
+    if strategy == "ddp":
+        model = wrap_ddp(model, d)
+    else:
+        precision = resolve(args.precision or MODES[args.mode][1], d.device)
+        model = wrap_fsdp(model, d, param_dtype=precision.compute_dtype if precision.autocast else None,
+                          full_state=model.state_dict())
+    runner = Runner(f"nanotune {strategy} x{d.world_size}", model, built.context, built.compute_dtype, hf=False)
+    args.seed += d.rank
+    batch_list = batches(args)
+    for i in range(args.warmup + args.steps):
+        wall, cpu = runner.step(*(t.to(d.device) for t in batch_list[i % len(batch_list)]))
+        if i >= args.warmup:
+            runner.times.append(wall)
+            runner.cpu_times.append(cpu)
+    if d.is_main:
+        report(args, [runner], built.model.config, {}, d.device, d.world_size)
+    compute_cleanup()
+
+
 def main(args):
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.strategy != "none":
+        return run_distributed(args)
     batch_list = batches(args)
     if args.only:
         return measure_memory(args, device, batch_list)
@@ -338,7 +374,8 @@ def main(args):
     report(args, runners, config, memory, device)
 
 
-def report(args, runners, config, memory, device):
+def report(args, runners, config, memory, device, world_size=1):
+    """The table. tokens/s counts all `world_size` processes; tokens per CPU-second and MFU are this process's."""
     tokens, lora, nan = args.batch * args.seq, MODES[args.mode][0], float("nan")
     peaks = {dt: matmul_peak(config, tokens, dt, device) for dt in {r.compute_dtype for r in runners}}
     print(f"\nmode {args.mode}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
@@ -353,7 +390,8 @@ def report(args, runners, config, memory, device):
     results = {}
     for r in runners:
         lora_params = sum(p.numel() for p in r.params) if lora else 0
-        tps, cpu_tps = tokens * len(r.times) / sum(r.times), tokens * len(r.cpu_times) / sum(r.cpu_times)
+        tps = world_size * tokens * len(r.times) / sum(r.times)
+        cpu_tps = tokens * len(r.cpu_times) / sum(r.cpu_times)
         rate = tps if device.type == "cuda" else cpu_tps  # see the module docstring, point 4
         mfu = flops_per_token(config, args.seq, lora, lora_params) * rate / peaks[r.compute_dtype]
         mem = memory.get(r.name, {})
@@ -372,6 +410,7 @@ def report(args, runners, config, memory, device):
                  f"train RSS x{nt['train_rss_mb'] / hf['train_rss_mb']:.2f}" if "peak_rss_mb" in nt and
                  "peak_rss_mb" in hf else ""))
     print("json " + json.dumps({"mode": args.mode, "seq": args.seq, "hidden": args.hidden, "results": results}))
+
 
 if __name__ == "__main__":
     main(parse_args())
