@@ -330,9 +330,10 @@ def train(args, strategy, d):
     else:
         model = model.to(d.device)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP
+    params = [p for _, p in named_trainable]
     if strategy == "ddp":
         model = wrap_ddp(model, d)
-    optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scaler = precision.scaler(d.device)
     if checkpoint and strategy == "deepspeed":  # ZeRO builds its fp32 partitions from the weights it is given
         restore_local_state(read_state(checkpoint, 0), named_trainable)
@@ -416,7 +417,7 @@ def train(args, strategy, d):
             raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
                             f"{last_good or 'none'}. Lower --lr, or use --precision 32 or bf16")
         if strategy != "deepspeed":  # DeepSpeed clipped and stepped inside model.step()
-            optimizer_step(optimizer, scaler, [p for _, p in named_trainable], args.max_grad_norm, step)
+            optimizer_step(optimizer, scaler, params, args.max_grad_norm, step)
 
         done = step + 1
         if done % args.log_every == 0 or done == total:

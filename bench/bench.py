@@ -188,7 +188,8 @@ class Runner:
         return time.perf_counter() - t, time.process_time() - cpu
 
 
-def build_nanotune(args, path, device):
+def nanotune_model(args, path, device):
+    """The model as train.py builds it for this mode, and its precision."""
     lora, precision_name, bits = MODES[args.mode]
     precision = resolve(args.precision or precision_name, device)
     model = nt_model.from_pretrained(path, device=device)
@@ -198,8 +199,11 @@ def build_nanotune(args, path, device):
         inject_lora(model, ["query_key_value"], args.lora_r, args.lora_alpha, dropout=0.0)
     else:
         model.requires_grad_(True)
-    model = cast_frozen(model, precision).to(device)
-    model.train()
+    return cast_frozen(model, precision).to(device).train(), precision
+
+
+def build_nanotune(args, path, device):
+    model, precision = nanotune_model(args, path, device)
     return Runner("nanotune", model, lambda: precision.context(device), precision.compute_dtype, hf=False)
 
 
@@ -311,15 +315,15 @@ def run_distributed(args):
     strategy, d = compute_init(args.strategy, args.device)
     with tempfile.TemporaryDirectory() as tmp:  # the same seeded weights on every rank
         write_model(args, tmp)
-        built = build_nanotune(args, tmp, d.device)
-    model = built.model
+        model, precision = nanotune_model(args, tmp, d.device)
+    config = model.config
     if strategy == "ddp":
         model = wrap_ddp(model, d)
     else:
-        precision = resolve(args.precision or MODES[args.mode][1], d.device)
         model = wrap_fsdp(model, d, param_dtype=precision.compute_dtype if precision.autocast else None,
                           full_state=model.state_dict())
-    runner = Runner(f"nanotune {strategy} x{d.world_size}", model, built.context, built.compute_dtype, hf=False)
+    runner = Runner(f"nanotune {strategy} x{d.world_size}", model, lambda: precision.context(d.device),
+                    precision.compute_dtype, hf=False)
     args.seed += d.rank
     batch_list = batches(args)
     for i in range(args.warmup + args.steps):
@@ -328,7 +332,7 @@ def run_distributed(args):
             runner.times.append(wall)
             runner.cpu_times.append(cpu)
     if d.is_main:
-        report(args, [runner], built.model.config, {}, d.device, d.world_size)
+        report(args, [runner], config, {}, d.device, d.world_size)
     compute_cleanup()
 
 

@@ -87,16 +87,18 @@ def test_logits_match_naive_reference(tmp_path, overrides):
     torch.testing.assert_close(model(ids)[0], ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
 @pytest.mark.parametrize("head_trains", [False, True])
-def test_fused_loss_matches_autograd(dtype, tol, head_trains):
+def test_fused_loss_matches_autograd(device, dtype, tol, head_trains):
     """Loss and gradients of LinearCrossEntropy against F.linear + F.cross_entropy through autograd.
-    300 rows in chunks of 64 (the last one ragged), each chunk in softmax blocks of CPU_ROWS."""
+    300 rows in chunks of 64 (the last one ragged), each chunk in softmax blocks of CPU_ROWS on a CPU."""
     torch.manual_seed(0)
     N, C, V = 300, 32, 97
-    h = torch.randn(N, C, requires_grad=True)
-    w = torch.randn(V, C, requires_grad=head_trains)
-    targets = torch.randint(0, V, (N,))
+    h = torch.randn(N, C, device=device, requires_grad=True)
+    w = torch.randn(V, C, device=device, requires_grad=head_trains)
+    targets = torch.randint(0, V, (N,), device=device)
     ref = F.cross_entropy(F.linear(h.to(dtype), w.to(dtype)).float(), targets, reduction="sum")
     ref_grads = torch.autograd.grad(0.5 * ref, [h, w] if head_trains else [h])
     loss = LinearCrossEntropy.apply(h.to(dtype), w.to(dtype), targets, 64)

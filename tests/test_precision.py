@@ -62,8 +62,14 @@ def test_frozen_bf16_weights_change_no_autocast_result():
     assert torch.equal(before, after)
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
 @pytest.mark.parametrize("flags", [["--precision", "bf16"], ["--precision", "bf16-true"],
-                                   ["--load-in-8bit", "--merge"], ["--load-in-4bit", "--precision", "bf16"]])
+                                   ["--load-in-8bit", "--merge"], ["--load-in-4bit", "--precision", "bf16"],
+                                   pytest.param(["--precision", "16"], marks=CUDA),  # fp16 + loss scaling
+                                   pytest.param(["--strategy", "ddp"], marks=CUDA),  # NCCL, a group of one
+                                   pytest.param(["--strategy", "fsdp", "--precision", "bf16"], marks=CUDA)])
 def test_train_py_modes_lower_the_loss_and_save_lora_only(tiny_model_dir, tiny_data, tmp_path, flags):
     if any("load-in" in f for f in flags):
         pytest.importorskip("bitsandbytes")
@@ -71,7 +77,7 @@ def test_train_py_modes_lower_the_loss_and_save_lora_only(tiny_model_dir, tiny_d
     proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 12,
                      "--batch-size", 4, "--lr", 1e-2, "--log-every", 1, "--eval-exact-match", 0, *flags)
     assert "precision " + resolve(flags[flags.index("--precision") + 1] if "--precision" in flags else "32",
-                                  CPU).name in proc.stdout
+                                  torch.device("cuda")).name in proc.stdout
     losses = [float(line.split("| loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "| loss " in line]
     assert losses[-1] < losses[0]
     keys = load_file(out / "adapter" / "adapter_model.safetensors").keys()
