@@ -1,6 +1,7 @@
 """Run under torchrun by test_distributed.py: after FSDP's CPU-RAM-efficient loading (rank 0 reads
 the checkpoint, the others start on the meta device), every rank's gathered weights must equal
 the checkpoint exactly. Exits non-zero on any difference."""
+import os
 import sys
 
 import torch
@@ -21,3 +22,4 @@ for key, value in reference.items():
     assert torch.equal(gathered[key].cpu(), value), f"rank {d.rank}: {key} differs"
 print(f"rank {d.rank}: {len(reference)} tensors identical", flush=True)
 compute_cleanup()
+os._exit(0)  # as train.py does: gloo's workers must not race interpreter teardown
