@@ -57,7 +57,7 @@ import torch
 import nanotune.model as nt_model
 from nanotune.lora import inject_lora
 from nanotune.precision import cast_frozen, resolve
-from nanotune.quantize import quantize
+from nanotune.quantize import quantize, weight_bytes
 
 MODES = {  # mode -> (LoRA?, default precision, quantized bits)
     "lora-fp32": (True, "32", None), "lora-bf16": (True, "bf16", None), "full": (False, "32", None),
@@ -132,6 +132,12 @@ def flops_per_token(config, seq, lora, lora_params):
     matmul_params = L * (C * 3 * C + C * C + 2 * C * I) + C * V  # qkv, dense, MLP, output head
     attention = L * 2 * 2 * seq * C  # q k^T and (attention) v, per token, forward
     return (4 if lora else 6) * matmul_params + 6 * lora_params + 3 * attention
+
+
+def base_bytes(module):
+    """Bytes of the frozen base as this mode stores it: the state dict (quantization state included,
+    a tied tensor once) less LoRA's matrices."""
+    return weight_bytes(module) - sum(p.nbytes for name, p in module.named_parameters() if ".lora_" in name)
 
 
 def matmul_peak(config, tokens, dtype, device):
@@ -404,6 +410,12 @@ def report(args, runners, config, memory, device, world_size=1):
               f"{mfu:>6.1%} {r.losses[0]:>8.4f} {mem.get('peak_rss_mb', nan):>11.0f} "
               f"{mem.get('train_rss_mb', nan):>12.0f}"
               + (f" {mem.get('cuda_max_allocated_mb', nan):>7.0f}" if device.type == "cuda" else ""))
+    if world_size == 1:  # a wrapped model's state dict holds shards
+        model = runners[0].model  # the quantized Linears live in the transformer blocks
+        whole, blocks = base_bytes(model), base_bytes(model.gpt_neox.layers)
+        results["nanotune"].update(base_mb=whole / 2**20, blocks_mb=blocks / 2**20)
+        print(f"\nnanotune's base weights as this mode stores them: {whole / 2**20:.1f} MB, "
+              f"of which the transformer blocks {blocks / 2**20:.1f} MB")
     if len(runners) > 1:
         best = max(runners[1:], key=lambda r: results[r.name]["tokens_per_s"])
         nt, hf = results["nanotune"], results[best.name]

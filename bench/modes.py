@@ -1,11 +1,10 @@
-"""Memory and accuracy of each precision / quantization mode (issue: int8 and NF4 bases).
+"""Accuracy and peak memory of each precision / quantization mode (issue: int8 and NF4 bases).
 
     python bench/modes.py [--steps 150]
 
-1. Weight bytes of a base in fp32, bf16, int8 and NF4, for a Pythia-70m-shaped model (random
-   weights; bytes do not depend on values): the whole state dict, and the quantized Linears alone.
-2. The same short LoRA fine-tune of the bundled tiny model (assets/) in each mode, each in its
-   own train.py process: final held-out loss, exact match, and the process's peak RSS.
+The same short LoRA fine-tune of the bundled tiny model (assets/) in each mode, each in its own
+train.py process: final held-out loss, exact match, and the process's peak RSS. The weight bytes
+of each mode at a real size are bench.py's (its "base weights" line).
 """
 import argparse
 import json
@@ -14,41 +13,13 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from nanotune.model import Config, GPTNeoX  # noqa: E402
-from nanotune.quantize import quantize, weight_bytes  # noqa: E402
-
 MODES = {"32": [], "bf16": ["--precision", "bf16"], "bf16-true": ["--precision", "bf16-true"],
          "int8": ["--load-in-8bit"], "nf4": ["--load-in-4bit"], "nf4 + bf16": ["--load-in-4bit", "--precision", "bf16"]}
 
 
-def linear_bytes(model):
-    return sum(t.nbytes for k, t in model.state_dict().items() if k.startswith("gpt_neox.layers."))
-
-
-def weight_table():
-    config = Config(vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                    intermediate_size=2048)
-    rows = []
-    for name in ("fp32", "bf16", "int8", "nf4"):
-        torch.manual_seed(0)
-        model = GPTNeoX(config)
-        if name == "bf16":
-            model = model.to(torch.bfloat16)
-        elif name in ("int8", "nf4"):
-            model = quantize(model, 8 if name == "int8" else 4)
-        rows.append((name, weight_bytes(model), linear_bytes(model)))
-    print("| base | state dict MB | x fp32 | blocks MB | x fp32 |\n|---|---:|---:|---:|---:|")
-    for name, whole, blocks in rows:
-        print(f"| {name} | {whole / 2**20:.1f} | {whole / rows[0][1]:.3f} | {blocks / 2**20:.1f} | "
-              f"{blocks / rows[0][2]:.3f} |")
-
-
 def run_modes(steps):
-    print("\n| mode | eval loss | exact match | peak RSS MB |\n|---|---:|---:|---:|")
+    print("| mode | eval loss | exact match | peak RSS MB |\n|---|---:|---:|---:|")
     for name, flags in MODES.items():
         out = tempfile.mkdtemp()
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", out, "--overwrite", "--max-steps",
@@ -68,5 +39,4 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150, help="optimizer steps of each short fine-tune")
     args = p.parse_args()
-    weight_table()
     run_modes(args.steps)

@@ -1,0 +1,82 @@
+"""bench/bench.py, the script behind BENCHMARKS.md: its FLOP count against torch's FLOP counter, and
+every mode run end to end on a tiny shape. Its speed figures themselves are measured, not tested."""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import ROOT
+
+BENCH = os.path.join(ROOT, "bench", "bench.py")
+spec = importlib.util.spec_from_file_location("bench", BENCH)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+TINY = ["--hidden", "32", "--heads", "4", "--layers", "2", "--vocab", "96", "--seq", "64", "--batch", "2",
+        "--device", "cpu"]
+
+
+def json_line(out):
+    (line,) = [line for line in out.splitlines() if line.startswith("json ")]
+    return json.loads(line[5:])["results"]
+
+
+def test_flop_count_of_a_full_fine_tune_matches_torchs_flop_counter():
+    """torch's FlopCounterMode counts the matmuls one training step really runs (attention through
+    the math backend, whose batched matmuls it sees). It does not see the head's in-place
+    grad_W.addmm_ (2*C*V per token), and each row's last position has no label (6*C*V per row), so it
+    may count that much less than the formula; a wrong multiplier (4x or 6x, attention's 3x) lands
+    far outside."""
+    args = bench.parse_args(["--mode", "full", *TINY])
+    with tempfile.TemporaryDirectory() as tmp:
+        bench.write_model(args, tmp)
+        runner = bench.build_nanotune(args, tmp, torch.device("cpu"))
+    ids, labels = bench.batches(args)[0]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        runner.step(ids, labels)
+    config, tokens = runner.model.config, args.batch * args.seq
+    formula = bench.flops_per_token(config, args.seq, lora=False, lora_params=0) * tokens
+    missed = 2 * config.hidden_size * config.vocab_size * (tokens + 3 * args.batch)
+    assert formula - missed <= counter.get_total_flops() <= formula
+
+
+def modes():
+    quantized = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+    return ["lora-fp32", "lora-bf16", "full", pytest.param("int8", marks=quantized),
+            pytest.param("nf4", marks=quantized)]
+
+
+@pytest.mark.parametrize("mode", modes())
+def test_every_mode_trains_and_reports(mode, capsys):
+    bench.main(bench.parse_args(["--mode", mode, "--steps", "2", "--warmup", "1", "--no-memory", *TINY]))
+    result = json_line(capsys.readouterr().out)["nanotune"]
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 2 and result["blocks_mb"] < result["base_mb"]
+
+
+def test_base_bytes_leave_lora_out():
+    """bf16-true stores every base weight in bf16 and keeps LoRA in fp32: exactly half the fp32 base."""
+    sizes = {}
+    for precision in ("32", "bf16-true"):
+        args = bench.parse_args(["--mode", "lora-bf16", "--precision", precision, *TINY])
+        with tempfile.TemporaryDirectory() as tmp:
+            bench.write_model(args, tmp)
+            model, _ = bench.nanotune_model(args, tmp, torch.device("cpu"))
+        sizes[precision] = bench.base_bytes(model)
+    assert sizes["bf16-true"] * 2 == sizes["32"]
+
+
+def test_memory_children_report_peaks():
+    """The per-runner subprocesses that measure peak memory, as BENCHMARKS.md's tables run them."""
+    proc = subprocess.run([sys.executable, BENCH, "--mode", "lora-fp32", "--steps", "1", "--warmup", "0", *TINY],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json_line(proc.stdout)["nanotune"]
+    assert math.isfinite(result["peak_rss_mb"]) and 0 < result["train_rss_mb"] < result["peak_rss_mb"]
