@@ -78,6 +78,8 @@ def parse_args(argv=None):
     a("--batch", type=int, default=4, help="rows per step B (default: %(default)s)")
     a("--lora-r", type=int, default=8, help="LoRA rank on query_key_value (default: %(default)s)")
     a("--lora-alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
+    a("--grad-checkpoint", action="store_true", help="recompute each block in the backward (train.py's flag; "
+      "transformers' gradient_checkpointing_enable for HF)")
     a("--steps", type=int, default=12, help="timed steps per runner (default: %(default)s)")
     a("--warmup", type=int, default=2, help="untimed steps per runner first (default: %(default)s)")
     a("--block", type=int, default=3, help="steps a runner runs before the next takes its turn (default: %(default)s)")
@@ -199,6 +201,7 @@ def nanotune_model(args, path, device):
     lora, precision_name, bits = MODES[args.mode]
     precision = resolve(args.precision or precision_name, device)
     model = nt_model.from_pretrained(path, device=device)
+    model.grad_checkpoint = args.grad_checkpoint
     if bits:
         quantize(model, bits, precision.compute_dtype)
     if lora:
@@ -236,6 +239,8 @@ def build_hf(args, path, device, name):
                                    bnb_4bit_compute_dtype=autocast or dtype)
     model = GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
                                                quantization_config=quant, device_map={"": device})
+    if args.grad_checkpoint:  # non-reentrant, as nanotune's: no need for inputs that require grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:  # peft keeps the adapter in fp32 over a bf16 base (autocast_adapter_dtype=True)
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                  target_modules=["query_key_value"], task_type="CAUSAL_LM"))

@@ -25,13 +25,14 @@ def single(tiny_model_dir, tiny_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy,extra", [("ddp", []), ("fsdp", ["--fsdp-prefetch"]),
-                                            ("fsdp", ["--fsdp-sharding", "grad-op"]),
-                                            ("fsdp", ["--fsdp-sharding", "hybrid", "--fsdp-prefetch"])])
-def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, strategy, extra):
+@pytest.mark.parametrize("port,strategy,extra", [(29901, "ddp", []), (29902, "fsdp", ["--fsdp-prefetch"]),
+                                                 (29903, "fsdp", ["--fsdp-sharding", "grad-op"]),
+                                                 (29904, "fsdp", ["--fsdp-sharding", "hybrid", "--fsdp-prefetch"]),
+                                                 (29905, "ddp", ["--grad-checkpoint"])])
+def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, port, strategy, extra):
     out = tmp_path / "out"
-    proc = run_torchrun(29901 + len(extra) + 5 * ("hybrid" in extra), "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *COMMON,
-                    "--grad-accum", 2, "--strategy", strategy, *extra)
+    proc = run_torchrun(port, "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *COMMON,
+                        "--grad-accum", 2, "--strategy", strategy, *extra)
     assert "global batch 8 rows = micro-batch 2 x grad-accum 2 x 2 process(es)" in proc.stdout
     assert trajectory(out) == pytest.approx(trajectory(single), abs=1e-6)
     mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (out, single))
@@ -42,11 +43,12 @@ def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, st
 
 
 def test_fsdp_full_fine_tune_saves_the_whole_model(tiny_model_dir, tiny_data, tmp_path):
+    """With --grad-checkpoint too: recomputing a sharded block in the backward gathers it again."""
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", single, *COMMON, "--grad-accum", 4,
               "--no-lora")
     run_torchrun(29911, "--model", tiny_model_dir, "--data", tiny_data, "--out", fsdp, *COMMON, "--grad-accum", 2,
-             "--no-lora", "--strategy", "fsdp")
+             "--no-lora", "--strategy", "fsdp", "--grad-checkpoint")
     assert trajectory(fsdp) == pytest.approx(trajectory(single), abs=1e-6)
     base = from_pretrained(tiny_model_dir).state_dict()
     a, b = from_pretrained(str(single / "model")).state_dict(), from_pretrained(str(fsdp / "model")).state_dict()

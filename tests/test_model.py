@@ -138,6 +138,34 @@ def test_loss_sum_matches_cross_entropy_of_the_logits(setup):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora", [True, False])
+def test_grad_checkpoint_keeps_less_and_changes_no_gradient(lora):
+    """--grad-checkpoint: the tensors the forward keeps for the backward (seen through
+    saved_tensors_hooks) shrink to a fraction, and every gradient is the same, LoRA's dropout
+    included (the recomputed forward replays the same random mask)."""
+    def run(checkpointed):
+        torch.manual_seed(0)
+        model = GPTNeoX(tiny_config(num_hidden_layers=4))
+        if lora:
+            inject_lora(model, ["query_key_value", "dense"], r=4, alpha=8, dropout=0.3)
+        else:
+            model.requires_grad_(True)
+        model.grad_checkpoint = checkpointed
+        ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
+        labels = torch.cat((ids[:, 1:], torch.full((2, 1), -100)), dim=1)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
+            loss = model(ids, labels)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return sum(kept), loss, torch.autograd.grad(loss, params)
+
+    (kept, loss, grads), (kept_ckpt, loss_ckpt, grads_ckpt) = run(False), run(True)
+    assert kept_ckpt < kept / 4, (kept_ckpt, kept)
+    assert torch.equal(loss, loss_ckpt)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g, rtol=0, atol=0)
+
+
 def test_hf_key_names_and_shapes():
     model = GPTNeoX(tiny_config(num_hidden_layers=1))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -129,6 +129,26 @@ def test_evaluation_inside_training_keeps_gradients(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
+def test_grad_checkpoint_on_a_quantized_base_under_bf16(bits):
+    """--grad-checkpoint recomputes the bitsandbytes layers' forward under the same autocast and
+    replays LoRA's dropout: the loss and every gradient are unchanged."""
+    def run(checkpointed):
+        model = quantize(tiny_model(), bits, torch.bfloat16)
+        inject_lora(model, "all-linear", r=4, alpha=8, dropout=0.2)
+        model.grad_checkpoint = checkpointed
+        torch.manual_seed(1)
+        ids = torch.randint(0, 320, (4, 17))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids[:, :-1], ids[:, 1:])
+        return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    (loss, grads), (loss_ckpt, grads_ckpt) = run(False), run(True)
+    assert torch.equal(loss, loss_ckpt)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", BITS)
 def test_adapter_moves_to_the_unquantized_base(bits, tmp_path):
     model = lora_model(bits)
     _, ids = train(model, 6)
