@@ -236,8 +236,9 @@ def wrap_deepspeed(model, optimizer, d: Dist, config):
     """The DeepSpeed engine around `model`, on the process group compute_init made. The engine's
     forward is the model's; engine.backward / engine.step replace loss.backward / optimizer.step."""
     os.environ.setdefault("DS_ACCELERATOR", d.device.type)  # else a CPU run on a GPU box picks CUDA
-    warnings.filterwarnings("ignore", category=FutureWarning,  # DeepSpeed still calls the old collective names
-                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    warnings.filterwarnings(  # DeepSpeed still calls the old collective names
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     try:
         import deepspeed
     except ImportError:

@@ -40,7 +40,8 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="HF-layout GPT-NeoX folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--model", required=True,
+                   help="HF-layout GPT-NeoX folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter folder to apply on top of --model")
     p.add_argument("--prompt", required=True, help="the instruction text")
     p.add_argument("--input", default="", help="the input the instruction works on (Alpaca's input field)")

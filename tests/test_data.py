@@ -56,7 +56,8 @@ def test_plain_text_rows_train_on_everything(tok):
 
 
 @pytest.mark.parametrize("name,text,message", [
-    ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', r"a.jsonl line 2: field 'output' is missing"),
+    ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n',
+     r"a.jsonl line 2: field 'output' is missing"),
     ("b.json", '[{"instruction": "x", "output": 3}]', r"b.json row 1: field 'output' must be a string, not int"),
     ("c.jsonl", '{"instruction": "x", "output": "y"}\n{oops\n', r"c.jsonl line 2 is not valid JSON"),
     ("d.json", '{"instruction": "x"}', "must hold a JSON array of rows"),

@@ -60,8 +60,9 @@ def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
     run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2,
               "--batch-size", 4, "--eval-exact-match", 0)
     proc = subprocess.run([sys.executable, "-m", "nanotune.generate", "--model", tiny_model_dir, "--adapter",
-                           str(out / "adapter"), "--prompt", "Reverse the words.", "--input", "red cat", "--max-new-tokens", "5",
-                           "--temperature", "0.8", "--top-k", "5"], capture_output=True, text=True, cwd=ROOT)
+                           str(out / "adapter"), "--prompt", "Reverse the words.", "--input", "red cat",
+                           "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5"],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -86,6 +87,8 @@ def test_bad_paths_are_one_line_and_nonzero(tiny_model_dir, tiny_data, tmp_path)
     os.remove(no_tokenizer / "tokenizer.json")
     assert "tokenizer.json is missing" in fails("--model", no_tokenizer, "--data", tiny_data, "--out", tmp_path / "o")
     (tmp_path / "a-file").write_text("")
-    assert "is not writable" in fails("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "a-file" / "o")
-    assert "does not exist" in fails("--model", tiny_model_dir, "--data", tmp_path / "no.json", "--out", tmp_path / "o")
+    assert "is not writable" in fails("--model", tiny_model_dir, "--data", tiny_data,
+                                      "--out", tmp_path / "a-file" / "o")
+    assert "does not exist" in fails("--model", tiny_model_dir, "--data", tmp_path / "no.json",
+                                     "--out", tmp_path / "o")
     assert not os.path.exists(tmp_path / "o" / "adapter") and not os.path.exists(tmp_path / "o" / "metrics.jsonl")
