@@ -399,6 +399,8 @@ def report(args, runners, config, memory, device, world_size=1):
           f"{torch.get_num_threads()} threads on {device.type}")
     print(f"matmul peak at the model's shapes, per {'second' if device.type == 'cuda' else 'CPU-second'}: " + ", ".join(
         f"{str(dt).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s" for dt, peak in peaks.items()))
+    lora_params = sum(p.numel() for p in runners[0].params) if lora else 0
+    print(f"model FLOPs per training token: {flops_per_token(config, args.seq, lora, lora_params) / 1e6:.0f} M")
     head = f"{'runner':<16} {'tokens/s':>8} {'tok/CPU-s':>9} {'step ms':>7} {'MFU':>6} {'loss[0]':>8} " \
            f"{'peak RSS MB':>11} {'train RSS MB':>12}" + (" CUDA MB" if device.type == "cuda" else "")
     print(head + "\n" + "-" * len(head))
