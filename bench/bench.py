@@ -417,7 +417,7 @@ def report(args, runners, config, memory, device, world_size=1):
               f"{mfu:>6.1%} {r.losses[0]:>8.4f} {mem.get('peak_rss_mb', nan):>11.0f} "
               f"{mem.get('train_rss_mb', nan):>12.0f}"
               + (f" {mem.get('cuda_max_allocated_mb', nan):>7.0f}" if device.type == "cuda" else ""))
-    if world_size == 1:  # a wrapped model's state dict holds shards
+    if args.strategy == "none":  # a DDP- or FSDP-wrapped model has other names, and FSDP's holds shards
         model = runners[0].model  # the quantized Linears live in the transformer blocks
         whole, blocks = base_bytes(model), base_bytes(model.gpt_neox.layers)
         results["nanotune"].update(base_mb=whole / 2**20, blocks_mb=blocks / 2**20)

@@ -80,3 +80,15 @@ def test_memory_children_report_peaks():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json_line(proc.stdout)["nanotune"]
     assert math.isfinite(result["peak_rss_mb"]) and 0 < result["train_rss_mb"] < result["peak_rss_mb"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_process_under_torchrun(strategy):
+    """bench.py --strategy ddp|fsdp as bench/scaling.py runs it, with one process (gloo)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+                           str(29950 + (strategy == "fsdp")), BENCH, "--mode", "lora-fp32", "--steps", "1",
+                           "--warmup", "0", "--no-memory", "--strategy", strategy, *TINY],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json_line(proc.stdout).values()
+    assert result["tokens_per_s"] > 0
