@@ -32,7 +32,10 @@ from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
 from nanotune.quantize import quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# No fp16: AdamW adds eps = 1e-8 to sqrt(v), which is 0 in fp16, so fp16 weights turn NaN on their first
+# update; and fp16-mixed's gradient scaler refuses fp16 gradients. Under --precision 16 fp32 LoRA
+# weights compute in fp16 anyway.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Flags that do not change the math of a run: a resume may change these and nothing else.
 RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
              "keep", "merge", "local_rank"}
@@ -64,7 +67,8 @@ def parse_args(argv=None):
     a("--lora-bias", default="none", choices=["none", "all", "lora_only"],
       help="which biases train with the adapter: none, every bias, or those of adapted layers")
     a("--modules-to-save", nargs="+", default=[], help="modules trained in full and saved with the adapter")
-    a("--lora-dtype", default="fp32", choices=list(DTYPES), help="dtype of the LoRA weights")
+    a("--lora-dtype", default="fp32", choices=list(DTYPES), help="dtype of the LoRA weights (no fp16: AdamW's "
+      "eps underflows there; under --precision 16 fp32 weights compute in fp16)")
     a("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     a("--lora-layers", type=int, nargs="+", help="adapt only these block indices (None: every block)")
     a("--adapter", help="start from this PEFT-format adapter folder instead of a fresh LoRA")

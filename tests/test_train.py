@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, run_train
 from nanotune.lora import load_adapter
@@ -64,6 +65,22 @@ def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
                            "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bf16_lora_weights_train_and_fp16_ones_are_not_offered(tiny_model_dir, tiny_data, tmp_path):
+    """--lora-dtype bf16 follows the fp32 run to bf16's rounding and saves bf16 tensors."""
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / dtype, "--max-steps", 10,
+                  "--batch-size", 4, "--lr", 1e-2, "--warmup-steps", 2, "--log-every", 1, "--eval-every", 0,
+                  "--eval-exact-match", 0, "--lora-dtype", dtype)
+        losses[dtype] = [r["loss"] for r in metrics(tmp_path / dtype) if "loss" in r]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=1e-2) and losses["bf16"][-1] < losses["bf16"][0] - 0.2
+    saved = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "fp16", "--lora-dtype",
+                     "fp16", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'fp16'" in proc.stderr
 
 
 @pytest.mark.parametrize("flags,message", [
