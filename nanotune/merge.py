@@ -1,7 +1,9 @@
 """Fold a LoRA adapter into its base: python -m nanotune.merge --model DIR --adapter DIR --out DIR
 
 The result is a plain HF-layout GPT-NeoX folder (config.json, model.safetensors, tokenizer.json)
-whose logits equal the adapted model's, loadable by transformers with no peft installed.
+whose logits equal the adapted model's, loadable by transformers with no peft installed. An adapter
+trained on a quantized base takes the same --load-in-8bit / --load-in-4bit [--double-quant] flags it
+was trained with (a PEFT adapter does not record them), so it merges onto the rounding it learned on.
 """
 import argparse
 import os
@@ -34,9 +36,17 @@ def main(argv=None):
     p.add_argument("--adapter", required=True, help="PEFT-format LoRA adapter folder")
     p.add_argument("--out", required=True, help="where to write the merged model")
     p.add_argument("--num-layers", type=int, default=-1, help="the --num-layers the adapter was trained with")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-8bit", action="store_true", help="the adapter was trained on an int8 base: "
+                       "merge onto the same rounding")
+    quant.add_argument("--load-in-4bit", action="store_true", help="the adapter was trained on an NF4 base")
+    p.add_argument("--double-quant", action="store_true", help="with --load-in-4bit: trained with --double-quant")
     args = p.parse_args(argv)
+    if args.double_quant and not args.load_in_4bit:
+        p.error("--double-quant applies to --load-in-4bit only")
+    bits = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
     try:
-        merge_adapter(args.model, args.adapter, args.out, args.num_layers)
+        merge_adapter(args.model, args.adapter, args.out, args.num_layers, bits, args.double_quant)
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"merged {args.adapter} into {args.model}: {os.path.abspath(args.out)}")

@@ -11,7 +11,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from conftest import tiny_config  # noqa: E402
 from nanotune import UserError  # noqa: E402
 from nanotune.lora import LoRALinear, inject_lora, load_adapter, save_adapter, unload  # noqa: E402
-from nanotune.merge import merge_adapter  # noqa: E402
+from nanotune.merge import main as merge_main  # noqa: E402
 from nanotune.model import GPTNeoX, from_pretrained, save_pretrained  # noqa: E402
 from nanotune.quantize import dequantize, dequantized_weight, quantize, weight_bytes  # noqa: E402
 
@@ -188,8 +188,9 @@ def test_dequantize_and_unload_export_a_plain_model(bits, double_quant, tmp_path
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_merge_adapter_rebuilds_the_double_quantized_base(tmp_path):
-    """train.py --merge with --load-in-4bit --double-quant merges onto the rounding the adapter trained on."""
+def test_merge_cli_rebuilds_the_double_quantized_base(tmp_path):
+    """python -m nanotune.merge --load-in-4bit --double-quant (merge_adapter, as train.py --merge calls it)
+    merges onto the rounding the adapter trained on."""
     save_pretrained(tiny_model(), str(tmp_path / "base"))
     model = lora_model(4, double_quant=True)
     _, ids = train(model, 4)
@@ -198,8 +199,8 @@ def test_merge_adapter_rebuilds_the_double_quantized_base(tmp_path):
     with torch.no_grad():
         expected = model(ids)
     with pytest.warns(UserWarning, match="quantization rounding"):
-        merge_adapter(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"), quant_bits=4,
-                      double_quant=True)
+        merge_main(["--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out",
+                    str(tmp_path / "merged"), "--load-in-4bit", "--double-quant"])
     with torch.no_grad():
         got = from_pretrained(str(tmp_path / "merged"))(ids)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
