@@ -24,6 +24,12 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (Lo
 # transformers 5 calls GPT-NeoX's output head `lm_head` in memory (the checkpoint still says
 # embed_out), so a PEFT adapter that saves the head may use either name. We write both, read either.
 HEAD_ALIASES = {"lm_head": "embed_out"}
+# PEFT LoraConfig options that change what an adapter computes and that nanotune does not implement:
+# load_adapter refuses an adapter that turns one on, rather than compute something else.
+UNSUPPORTED_PEFT_OPTIONS = {"rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
+                            "exclude_modules": "modules left out of target_modules", "use_dora": "DoRA",
+                            "lora_bias": "a bias on lora_B", "fan_in_fan_out": "transposed Conv1D weights",
+                            "target_parameters": "LoRA on bare parameters"}
 
 
 class LoRALinear(nn.Module):
@@ -205,6 +211,14 @@ def load_adapter(model, path: str, dtype=torch.float32):
                         "adapter_config.json and adapter_model.safetensors") from None
     if config.get("peft_type") != "LORA":
         raise UserError(f"{file}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    for key, what in UNSUPPORTED_PEFT_OPTIONS.items():
+        if config.get(key):  # absent, null, false or empty: the option is off
+            raise UserError(f"{file} sets {key} ({what}), which nanotune's LoRA does not implement; "
+                            "retrain the adapter without it, or merge it with peft")
+    target = config.get("target_modules")
+    if isinstance(target, str) and target != "all-linear":
+        raise UserError(f"{file}: target_modules is the regular expression {target!r}, which nanotune does not "
+                        "read; save the adapter with target_modules as a list of module names")
     to_save = list(dict.fromkeys(HEAD_ALIASES.get(m, m) for m in config.get("modules_to_save") or ()))
     inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                 config.get("bias", "none"), to_save, dtype,

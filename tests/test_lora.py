@@ -167,6 +167,22 @@ def test_mismatched_adapter_is_a_clear_error(tiny_model_dir, tmp_path):
         load_adapter(from_pretrained(tiny_model_dir), tmp_path / "a")
 
 
+@pytest.mark.parametrize("option", [{"alpha_pattern": {"layers.1.attention.query_key_value": 4}},
+                                    {"rank_pattern": {"layers.0.attention.query_key_value": 2}},
+                                    {"exclude_modules": ["layers.0.attention.query_key_value"]},
+                                    {"use_dora": True}, {"lora_bias": True},
+                                    {"target_modules": ".*query_key_value"}])
+def test_peft_options_nanotune_does_not_implement_are_refused(tiny_model_dir, tmp_path, option):
+    """An adapter that turns on a PEFT option nanotune does not compute is refused, never loaded
+    into something else (alpha_pattern would otherwise load cleanly and change every logit)."""
+    save_adapter(inject_lora(from_pretrained(tiny_model_dir), r=2), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, **option}))
+    (key,) = option
+    with pytest.raises(UserError, match="regular expression" if key == "target_modules" else f"sets {key} "):
+        load_adapter(from_pretrained(tiny_model_dir), tmp_path / "a")
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"r": 0}, "--lora-r must be a positive integer"),
     ({"dropout": 1.0}, r"--lora-dropout must be in \[0, 1\)"),
