@@ -122,14 +122,18 @@ def quantized(args):
 
 
 def check_args(args):
-    for flag, value, low in (("--lr", args.lr, 0), ("--batch-size", args.batch_size, 1),
-                             ("--grad-accum", args.grad_accum, 1), ("--max-seq-len", args.max_seq_len, 2)):
-        if not value >= low or (low == 0 and value == 0):
-            raise UserError(f"{flag} must be {'> 0' if low == 0 else f'>= {low}'}, got {value}")
+    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha), ("--epochs", args.epochs)):
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{flag} must be > 0 and finite, got {value}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
+                             ("--max-seq-len", args.max_seq_len, 2), ("--log-every", args.log_every, 1),
+                             ("--eval-every", args.eval_every, 0), ("--eval-exact-match", args.eval_exact_match, 0),
+                             ("--save-every", args.save_every, 0), ("--keep", args.keep, 0),
+                             ("--max-grad-norm", args.max_grad_norm, 0), ("--weight-decay", args.weight_decay, 0)):
+        if not (value >= low and math.isfinite(value)):
+            raise UserError(f"{flag} must be >= {low}, got {value}")
     if args.max_steps != -1 and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1 (or -1 to use --epochs), got {args.max_steps}")
-    if args.max_steps == -1 and not args.epochs > 0:
-        raise UserError(f"--epochs must be > 0, got {args.epochs}")
     if args.load_in_8bit and args.load_in_4bit:
         raise UserError("--load-in-8bit and --load-in-4bit contradict each other; choose one")
     if quantized(args) and not (args.lora or args.adapter):
@@ -251,7 +255,8 @@ def exact_match(model, examples, tokenizer, d, precision):
 
 class Metrics:
     """Every logged figure goes to the terminal and, as one JSON object per line, to OUT/metrics.jsonl
-    (rank 0 only). A resumed run first drops the lines the interrupted run wrote after its checkpoint."""
+    (rank 0 only). A resumed run first drops the lines the interrupted run wrote after its checkpoint
+    (resume_step), all of them when it stopped before its first checkpoint (-1)."""
 
     def __init__(self, out, enabled, resume_step=None):
         self.path, self.enabled = os.path.join(out, "metrics.jsonl"), enabled
@@ -297,6 +302,11 @@ def train(args, strategy, d):
         trainer = read_trainer(checkpoint)
         check_resume(trainer["args"], args, d.world_size)
     elif args.resume:
+        finished = [name for name in ("adapter", "model") if os.path.isdir(os.path.join(args.out, name))]
+        if finished:
+            raise UserError(f"--resume: {args.out} holds a finished run ({finished[0]}/) but no checkpoint to continue "
+                            "from (it ran without --save-every); pass --overwrite to train again from step 0, or "
+                            "choose another --out")
         print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
 
     # Model. Under FSDP only rank 0 reads the checkpoint; the others build it on the meta device
@@ -381,7 +391,7 @@ def train(args, strategy, d):
             scaler.load_state_dict(trainer["scaler"])
         start_step = trainer["step"]
         print0(f"resumed from {checkpoint} at step {start_step}")
-    metrics = Metrics(args.out, d.is_main, start_step if checkpoint else None)
+    metrics = Metrics(args.out, d.is_main, start_step if checkpoint else -1 if args.resume else None)
 
     scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
     if val and not checkpoint:

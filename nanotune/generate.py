@@ -28,7 +28,7 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos
             token = int(logits.argmax())
         else:
             if top_k:
-                logits[logits < torch.topk(logits, top_k).values[-1]] = -float("inf")
+                logits[logits < torch.topk(logits, min(top_k, len(logits))).values[-1]] = -float("inf")
             probs = torch.softmax(logits / temperature, dim=-1)
             token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
         if token == eos:
@@ -50,6 +50,10 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     args = p.parse_args(argv)
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--temperature", args.temperature),
+                        ("--top-k", args.top_k)):
+        if value < 0:
+            p.error(f"{flag} must be >= 0, got {value}")
     try:
         model = from_pretrained(args.model)
         if args.adapter:

@@ -45,6 +45,9 @@ def main(argv=None):
     if args.double_quant and not args.load_in_4bit:
         p.error("--double-quant applies to --load-in-4bit only")
     bits = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
+    if os.path.exists(args.out) and not (os.path.isdir(args.out) and not os.listdir(args.out)):
+        sys.exit(f"error: --out {args.out} already exists and is not an empty folder; the merged model replaces "
+                 "whatever is there, so choose a new --out")
     try:
         merge_adapter(args.model, args.adapter, args.out, args.num_layers, bits, args.double_quant)
     except UserError as e:

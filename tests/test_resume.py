@@ -114,6 +114,22 @@ def test_previous_run_needs_resume_or_overwrite(tiny_model_dir, tiny_data, tmp_p
     assert [r["step"] for r in losses(out)] == [0, 2, 2]  # eval before training, then step 2's loss and eval
 
 
+def test_resume_without_a_checkpoint(tiny_model_dir, tiny_data, tmp_path):
+    """--resume finds no checkpoint: over a finished run it refuses (it would replace the run's adapter
+    with one trained on other flags); after a run that died before its first checkpoint it starts
+    again, and metrics.jsonl holds the new run's lines only."""
+    out = tmp_path / "out"
+    args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2, "--batch-size", 2,
+            "--eval-exact-match", 0]
+    run_train(*args)
+    proc = run_train(*args, "--resume", "--lr", 1e-2, check=False)
+    assert proc.returncode == 1 and "holds a finished run (adapter/) but no checkpoint" in proc.stderr
+    shutil.rmtree(out / "adapter")  # as if it had died before writing it
+    proc = run_train(*args, "--resume")
+    assert "no checkpoint in" in proc.stdout
+    assert [r["step"] for r in losses(out)] == [0, 2, 2]
+
+
 def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tiny_data, tmp_path):
     proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--lr", 1e30,
                      "--max-steps", 10, "--batch-size", 2, "--warmup-steps", 0, "--save-every", 1,

@@ -1,4 +1,5 @@
 """train.py end to end, run as a user runs it: in a subprocess, on a tiny model."""
+import importlib.util
 import json
 import os
 import shutil
@@ -10,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_train
+from nanotune import UserError
+from nanotune.generate import main as generate_main
 from nanotune.lora import load_adapter
+from nanotune.merge import main as merge_main
 from nanotune.model import from_pretrained
 
 
@@ -65,6 +69,25 @@ def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
                            "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+    sample = ["--model", tiny_model_dir, "--prompt", "Reverse the words.", "--max-new-tokens", "3"]
+    generate_main([*sample, "--temperature", "1", "--top-k", "100000"])  # k beyond the vocabulary: all tokens
+    with pytest.raises(SystemExit) as e:
+        generate_main([*sample, "--temperature", "-1"])
+    assert e.value.code == 2
+
+
+def test_merge_cli_never_replaces_an_existing_folder(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 1, "--batch-size", 4,
+              "--eval-exact-match", 0)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for target in (tmp_path / "notes", tmp_path / "notes" / "keep.txt", tiny_model_dir):
+        with pytest.raises(SystemExit, match="already exists and is not an empty folder"):
+            merge_main(["--model", tiny_model_dir, "--adapter", str(out / "adapter"), "--out", str(target)])
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    merge_main(["--model", tiny_model_dir, "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")])
+    assert os.path.exists(tmp_path / "merged" / "model.safetensors")
 
 
 def test_bf16_lora_weights_train_and_fp16_ones_are_not_offered(tiny_model_dir, tiny_data, tmp_path):
@@ -84,7 +107,28 @@ def test_bf16_lora_weights_train_and_fp16_ones_are_not_offered(tiny_model_dir, t
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--lr", 0], "error: --lr must be > 0, got 0.0"),
+    (["--lora-alpha", 0], "--lora-alpha must be > 0 and finite, got 0.0"),
+    (["--epochs", "inf"], "--epochs must be > 0 and finite, got inf"),
+    (["--log-every", 0], "--log-every must be >= 1, got 0"),
+    (["--save-every", -1], "--save-every must be >= 0, got -1"),
+    (["--eval-every", -1], "--eval-every must be >= 0, got -1"),
+    (["--eval-exact-match", -1], "--eval-exact-match must be >= 0, got -1"),
+    (["--keep", -1], "--keep must be >= 0, got -1"),
+    (["--max-grad-norm", -1], "--max-grad-norm must be >= 0, got -1.0"),
+    (["--weight-decay", -1], "--weight-decay must be >= 0, got -1.0"),
+])
+def test_every_number_flag_is_checked(tmp_path, flags, message):
+    """check_args in-process (fast); test_nonsensical_numbers runs train.py for the exit code."""
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    with pytest.raises(UserError) as e:
+        train.check_args(train.parse_args(["--out", str(tmp_path / "o"), *map(str, flags)]))
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", 0], "error: --lr must be > 0 and finite, got 0.0"),
     (["--batch-size", 0], "error: --batch-size must be >= 1, got 0"),
     (["--max-steps", 0], "error: --max-steps must be >= 1 (or -1 to use --epochs), got 0"),
 ])
