@@ -18,7 +18,7 @@ import time
 import torch
 
 from nanotune import UserError
-from nanotune.checkpoint import (atomic_dir, find_checkpoint, local_state, read_state, read_trainer,
+from nanotune.checkpoint import (atomic_dir, damaged, find_checkpoint, local_state, read_state, read_trainer,
                                  restore_local_state, restore_rng, save_checkpoint)
 from nanotune.data import Batches, collate, eos_id, load_examples, load_tokenizer, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
@@ -299,7 +299,8 @@ def train(args, strategy, d):
     barrier()
     checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
     if checkpoint:
-        trainer = read_trainer(checkpoint)
+        with damaged(checkpoint):
+            trainer = read_trainer(checkpoint)
         check_resume(trainer["args"], args, d.world_size)
     elif args.resume:
         finished = [name for name in ("adapter", "model") if os.path.isdir(os.path.join(args.out, name))]
@@ -318,7 +319,7 @@ def train(args, strategy, d):
     on_meta = strategy == "fsdp" and not d.is_main
     model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else d.device)
     model.grad_checkpoint = args.grad_checkpoint
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     if quant_bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
         quantize(model, quant_bits, precision.compute_dtype, args.double_quant,
                  fetch=broadcast_from_rank0 if strategy == "fsdp" else None)
@@ -381,12 +382,13 @@ def train(args, strategy, d):
     # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
     start_step = 0
     if checkpoint:
-        if strategy == "deepspeed":
-            ds_load_optimizer_state(model, optimizer, read_state(checkpoint, d.rank))
-        else:  # under FSDP each rank reads its own shard; otherwise rank 0 wrote the one copy
-            restore_local_state(read_state(checkpoint, d.rank if strategy == "fsdp" else 0), named_trainable,
-                                optimizer)
-        restore_rng(checkpoint, d.rank)
+        with damaged(checkpoint):
+            if strategy == "deepspeed":
+                ds_load_optimizer_state(model, optimizer, read_state(checkpoint, d.rank))
+            else:  # under FSDP each rank reads its own shard; otherwise rank 0 wrote the one copy
+                restore_local_state(read_state(checkpoint, d.rank if strategy == "fsdp" else 0), named_trainable,
+                                    optimizer)
+            restore_rng(checkpoint, d.rank)
         if scaler and trainer["scaler"]:
             scaler.load_state_dict(trainer["scaler"])
         start_step = trainer["step"]
@@ -480,6 +482,10 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; checkpoints written so far are complete: continue with --resume --out {args.out}",
+              file=sys.stderr)
+        code = 130
     # Skip the interpreter's teardown: everything is written, fsynced and flushed. After a gloo run,
     # gloo's worker threads may still be freeing finished collectives that hold Python tensors, and
     # one that takes the GIL while the interpreter shuts down aborts the process (SIGABRT after a

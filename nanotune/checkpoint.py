@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanotune import UserError
@@ -169,6 +170,18 @@ def find_checkpoint(out, resume):
         pass
     steps = complete_checkpoints(root)  # the pointer is missing or stale: fall back to a scan
     return os.path.join(root, f"step-{max(steps)}") if steps else None
+
+
+@contextmanager
+def damaged(path):
+    """Turn what a damaged checkpoint raises while it is read (a missing, truncated or foreign file)
+    into one sentence that says where and what to do."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise UserError(f"checkpoint {path} is damaged or incomplete ({type(e).__name__}: {e}); resume from an "
+                        f"earlier one (--resume {os.path.dirname(path)}/step-N) or start again with --overwrite"
+                        ) from None
 
 
 def read_trainer(path):

@@ -23,12 +23,19 @@ USER_ROLES = {"human": "user", "user": "user", "observation": "user"}
 ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant", "function_call": "assistant"}
 
 
-def load_tokenizer(model_dir: str) -> Tokenizer:
+def load_tokenizer(model_dir: str, vocab_size: int = None) -> Tokenizer:
+    """The model folder's tokenizer.json; vocab_size: the model's, which every token id must fit."""
     file = os.path.join(model_dir, "tokenizer.json")
     if not os.path.exists(file):
         raise UserError(f"{file} is missing; nanotune needs the model's tokenizer.json "
                         "(Hugging Face 'fast' tokenizer format) next to config.json")
-    tokenizer = Tokenizer.from_file(file)
+    try:
+        tokenizer = Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises a bare Exception for a damaged or foreign file
+        raise UserError(f"{file} cannot be read as a Hugging Face tokenizer.json ({e})") from None
+    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
+        raise UserError(f"{file} has {tokenizer.get_vocab_size()} tokens but the model's config.json says "
+                        f"vocab_size {vocab_size}: the tokenizer belongs to another model")
     if tokenizer.token_to_id("<|endoftext|>") is None:
         raise UserError(f"{file} has no <|endoftext|> token, which nanotune uses as end of sequence")
     return tokenizer
@@ -52,8 +59,11 @@ def read_rows(path: str):
     """Yield (where, row) with where = 'file line N' (.jsonl) or 'file row N' (.json array)."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path!r} does not exist; pass --data a .json or .jsonl file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     if not text.strip():
         raise UserError(f"data file {path} is empty")
     if path.endswith(".jsonl"):

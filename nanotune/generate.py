@@ -58,7 +58,7 @@ def main(argv=None):
         model = from_pretrained(args.model)
         if args.adapter:
             load_adapter(model, args.adapter)
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     except UserError as e:
         sys.exit(f"error: {e}")
     model.eval()

@@ -215,6 +215,9 @@ def load_adapter(model, path: str, dtype=torch.float32):
         if config.get(key):  # absent, null, false or empty: the option is off
             raise UserError(f"{file} sets {key} ({what}), which nanotune's LoRA does not implement; "
                             "retrain the adapter without it, or merge it with peft")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if config.get(key) is None]
+    if missing:
+        raise UserError(f"{file} lacks {', '.join(missing)}; it is not a complete PEFT LoRA adapter config")
     target = config.get("target_modules")
     if isinstance(target, str) and target != "all-linear":
         raise UserError(f"{file}: target_modules is the regular expression {target!r}, which nanotune does not "

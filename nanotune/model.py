@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
@@ -276,8 +276,11 @@ def safetensors_files(path: str) -> list:
     """The weight files of a folder: model.safetensors, or the shards an index names."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        try:
+            with open(index) as f:
+                return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        except (ValueError, KeyError, AttributeError) as e:
+            raise UserError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
@@ -309,16 +312,20 @@ def from_pretrained(path, num_layers=-1, dtype=None, device="cpu") -> GPTNeoX:
         expected.pop("embed_out.weight")
     state = {}
     for file in safetensors_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                layer = key.split(".")[2] if key.startswith("gpt_neox.layers.") else None
-                if key.endswith(LEGACY_BUFFERS) or (layer is not None and int(layer) >= config.num_hidden_layers):
-                    continue
-                if config.tie_word_embeddings and key == "embed_out.weight":
-                    continue  # the same matrix as embed_in
-                if key not in expected:
-                    raise UserError(f"{file}: unexpected tensor {key!r}; is this a GPT-NeoX checkpoint?")
-                state[key] = f.get_tensor(key)
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    layer = key.split(".")[2] if key.startswith("gpt_neox.layers.") else None
+                    if key.endswith(LEGACY_BUFFERS) or (layer is not None and int(layer) >= config.num_hidden_layers):
+                        continue
+                    if config.tie_word_embeddings and key == "embed_out.weight":
+                        continue  # the same matrix as embed_in
+                    if key not in expected:
+                        raise UserError(f"{file}: unexpected tensor {key!r}; is this a GPT-NeoX checkpoint?")
+                    state[key] = f.get_tensor(key)
+        except (OSError, SafetensorError) as e:
+            raise UserError(f"{file} cannot be read as safetensors ({e}); the file is damaged or incomplete, "
+                            "so copy or download it again") from None
     for key, shape in expected.items():
         if key not in state:
             raise UserError(f"{path}: tensor {key!r} is missing from the checkpoint")

@@ -1,12 +1,13 @@
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from conftest import make_tokenizer
 from nanotune import UserError
-from nanotune.data import IGNORE, Batches, collate, encode, load_examples, prompt_text, turns
+from nanotune.data import IGNORE, Batches, collate, encode, load_examples, load_tokenizer, prompt_text, turns
 
 REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt-neox-20b",
                               "tokenizer.json")
@@ -68,6 +69,23 @@ def test_plain_text_rows_train_on_everything(tok):
 def test_malformed_rows_name_file_line_and_field(tok, tmp_path, name, text, message):
     with pytest.raises(UserError, match=message):
         load_examples(write(tmp_path, name, text), tok, 64, log=lambda s: None)
+
+
+def test_text_that_is_not_utf8_is_one_sentence(tok, tmp_path):
+    path = tmp_path / "utf16.jsonl"
+    path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n", encoding="utf-16")
+    with pytest.raises(UserError, match="utf16.jsonl is not UTF-8 text .*; save it as UTF-8"):
+        load_examples(str(path), tok, 64)
+
+
+def test_tokenizer_json_damaged_or_too_big_for_the_model(tiny_model_dir, tmp_path):
+    shutil.copy(os.path.join(tiny_model_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    size = load_tokenizer(str(tmp_path), vocab_size=320).get_vocab_size()
+    with pytest.raises(UserError, match=f"has {size} tokens but the model's config.json says vocab_size {size - 1}"):
+        load_tokenizer(str(tmp_path), vocab_size=size - 1)
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(UserError, match="cannot be read as a Hugging Face tokenizer.json"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_missing_file_and_all_rows_too_long(tok, tmp_path):

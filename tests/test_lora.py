@@ -165,6 +165,9 @@ def test_mismatched_adapter_is_a_clear_error(tiny_model_dir, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["dense"]}))
     with pytest.raises(UserError, match="lacks"):
         load_adapter(from_pretrained(tiny_model_dir), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "r"}))
+    with pytest.raises(UserError, match="lacks r; it is not a complete PEFT LoRA adapter config"):
+        load_adapter(from_pretrained(tiny_model_dir), tmp_path / "a")
 
 
 @pytest.mark.parametrize("option", [{"alpha_pattern": {"layers.1.attention.query_key_value": 4}},

@@ -250,6 +250,12 @@ def test_bad_checkpoints_are_one_sentence_errors(tiny_model_dir, tmp_path):
         from_pretrained(folder("shape", tensors={**sd, "embed_out.weight": torch.zeros(320, 31)}))
     with pytest.raises(UserError, match="unexpected tensor 'transformer.wte.weight'"):
         from_pretrained(folder("extra", tensors={**sd, "transformer.wte.weight": torch.zeros(2)}))
+    cut = folder("truncated", tensors=sd)
+    data = open(os.path.join(cut, "model.safetensors"), "rb").read()
+    for size in (len(data) // 2, 4):  # a partial download: tensor data, then even the header, cut off
+        open(os.path.join(cut, "model.safetensors"), "wb").write(data[:size])
+        with pytest.raises(UserError, match="cannot be read as safetensors .* damaged or incomplete"):
+            from_pretrained(cut)
 
 
 def test_pickle_weights_are_refused_never_loaded(tiny_model_dir, tmp_path):

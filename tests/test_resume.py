@@ -130,6 +130,36 @@ def test_resume_without_a_checkpoint(tiny_model_dir, tiny_data, tmp_path):
     assert [r["step"] for r in losses(out)] == [0, 2, 2]
 
 
+@pytest.mark.parametrize("damage", ["delete rng", "truncate state", "truncate trainer.json"])
+def test_a_damaged_checkpoint_is_one_sentence(tiny_model_dir, tiny_data, tmp_path, uninterrupted, damage):
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    step = out / "checkpoints" / "step-9"
+    if damage == "delete rng":
+        os.remove(step / "rng-rank0.safetensors")
+    else:
+        file = step / ("trainer.json" if "trainer" in damage else "state-rank0.safetensors")
+        file.write_bytes(file.read_bytes()[:40])
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: checkpoint {step} is damaged or incomplete" in proc.stderr
+
+
+def test_ctrl_c_is_one_line_and_the_checkpoints_resume(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not os.path.exists(out / "checkpoints" / "step-3"):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted;" in err, err
+    assert "resumed from" in run_train(*cmd[2:], "--resume").stdout
+
+
 def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tiny_data, tmp_path):
     proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--lr", 1e30,
                      "--max-steps", 10, "--batch-size", 2, "--warmup-steps", 0, "--save-every", 1,
