@@ -156,6 +156,26 @@ def check_args(args):
         raise UserError(f"--out {args.out} is not writable ({e.strerror}); choose a folder you can write to") from None
 
 
+# What --adapter takes from the adapter's adapter_config.json: flag -> (args name, config key).
+ADAPTER_SHAPE = {"--lora-r": ("lora_r", "r"), "--lora-alpha": ("lora_alpha", "lora_alpha"),
+                 "--lora-target": ("lora_target", "target_modules"), "--lora-bias": ("lora_bias", "bias"),
+                 "--modules-to-save": ("modules_to_save", "modules_to_save"), "--rslora": ("rslora", "use_rslora"),
+                 "--lora-layers": ("lora_layers", "layers_to_transform"),
+                 "--lora-dropout": ("lora_dropout", "lora_dropout")}
+
+
+def check_adapter_flags(args, config):
+    """A flag changed from its default that contradicts the loaded adapter would be silently ignored."""
+    defaults = parse_args(["--out", args.out])
+    for flag, (name, key) in ADAPTER_SHAPE.items():
+        given, default, saved = getattr(args, name), getattr(defaults, name), config[key]
+        if key == "target_modules" and saved == "all-linear":
+            saved = ["all-linear"]
+        if given != default and given != saved and not (key == "modules_to_save" and not given and not saved):
+            raise UserError(f"{flag} {given} contradicts the adapter's {key} = {saved} in {args.adapter}; "
+                            f"--adapter continues the adapter as it was configured, so drop {flag}")
+
+
 def check_combination(args, strategy, d):
     """Flags that contradict the strategy or the device, once both are known."""
     if quantized(args) and strategy == "deepspeed":
@@ -325,6 +345,7 @@ def train(args, strategy, d):
                  fetch=broadcast_from_rank0 if strategy == "fsdp" else None)
     if args.adapter:
         load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
+        check_adapter_flags(args, model.lora_config)
     elif args.lora:
         inject_lora(model, args.lora_target, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
                     args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)

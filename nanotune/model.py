@@ -43,6 +43,8 @@ class Config:
     @classmethod
     def from_hf(cls, hf: dict, where: str) -> "Config":
         """Read a transformers config.json dict, accepting both the old and the new rotary spelling."""
+        if not isinstance(hf, dict):
+            raise UserError(f"{where} must hold a JSON object (a transformers config), not {type(hf).__name__}")
         if hf.get("model_type") != "gpt_neox":
             raise UserError(f"{where}: model_type is {hf.get('model_type')!r}, but nanotune only "
                             "supports GPT-NeoX (model_type 'gpt_neox', the Pythia family)")
@@ -59,6 +61,8 @@ class Config:
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             if key not in hf:
                 raise UserError(f"{where}: the required field {key!r} is missing")
+            if type(hf[key]) is not int or hf[key] < 1:
+                raise UserError(f"{where}: {key} must be a positive integer, got {hf[key]!r}")
         config = cls(**known)
         if config.hidden_size % config.num_attention_heads:
             raise UserError(f"{where}: hidden_size {config.hidden_size} is not divisible by "

@@ -244,6 +244,10 @@ def test_bad_checkpoints_are_one_sentence_errors(tiny_model_dir, tmp_path):
         from_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="only supports GPT-NeoX"):
         from_pretrained(folder("llama", {"model_type": "llama"}, sd))
+    with pytest.raises(UserError, match="num_attention_heads must be a positive integer, got 0"):
+        from_pretrained(folder("heads", {"num_attention_heads": 0}, sd))
+    with pytest.raises(UserError, match="hidden_size must be a positive integer, got '32'"):
+        from_pretrained(folder("string", {"hidden_size": "32"}, sd))
     with pytest.raises(UserError, match="'embed_out.weight' is missing"):
         from_pretrained(folder("missing", tensors={k: v for k, v in sd.items() if k != "embed_out.weight"}))
     with pytest.raises(UserError, match=r"has shape \(320, 31\)"):

@@ -35,6 +35,9 @@ def test_lora_run_lowers_the_loss_and_writes_a_loadable_adapter(tiny_model_dir, 
     assert len(evals) == 4 and evals[-1] < evals[0]  # before training, at steps 10, 20, 30
     assert sum("exact_match" in r for r in rows) == 2
     assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "adapter").st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
     model = load_adapter(from_pretrained(tiny_model_dir), out / "adapter")
     assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
@@ -74,6 +77,18 @@ def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
     with pytest.raises(SystemExit) as e:
         generate_main([*sample, "--temperature", "-1"])
     assert e.value.code == 2
+
+
+def test_adapter_flags_that_contradict_the_adapter_are_refused(tiny_model_dir, tiny_data, tmp_path):
+    """--adapter takes r, alpha, targets, ... from adapter_config.json; a flag set to something else
+    would be silently ignored, so it is refused. The same value, or the default, is fine."""
+    common = ["--model", tiny_model_dir, "--data", tiny_data, "--max-steps", 1, "--batch-size", 4,
+              "--eval-exact-match", 0]
+    run_train(*common, "--out", tmp_path / "a", "--lora-r", 4)
+    adapter = tmp_path / "a" / "adapter"
+    run_train(*common, "--out", tmp_path / "b", "--adapter", adapter, "--lora-r", 4)
+    proc = run_train(*common, "--out", tmp_path / "c", "--adapter", adapter, "--lora-r", 2, check=False)
+    assert proc.returncode == 1 and f"error: --lora-r 2 contradicts the adapter's r = 4 in {adapter}" in proc.stderr
 
 
 def test_merge_cli_never_replaces_an_existing_folder(tiny_model_dir, tiny_data, tmp_path):
