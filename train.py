@@ -394,6 +394,9 @@ def train(args, strategy, d):
                                                   args.train_on_prompt, log=print0)
     else:
         train_rows, val = split(examples, args.val_fraction, args.seed)
+        if args.val_fraction and not val:
+            print0(f"note: --val-fraction {args.val_fraction} of {len(examples)} rows holds out none, so there is "
+                   "no evaluation; raise it or pass --val-data")
     batches = Batches(train_rows, args.batch_size, args.grad_accum, d.world_size, d.rank, args.seed, pad_id)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
     print0(f"training: {len(train_rows)} rows, {len(val)} held out; global batch {batches.global_batch} rows "

@@ -91,6 +91,12 @@ def test_adapter_flags_that_contradict_the_adapter_are_refused(tiny_model_dir, t
     assert proc.returncode == 1 and f"error: --lora-r 2 contradicts the adapter's r = 4 in {adapter}" in proc.stderr
 
 
+def test_a_val_fraction_that_holds_out_nothing_is_said(tiny_model_dir, tiny_data, tmp_path):
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--max-steps", 1,
+                     "--batch-size", 4, "--val-fraction", 0.001)
+    assert "note: --val-fraction 0.001 of 64 rows holds out none, so there is no evaluation" in proc.stdout
+
+
 def test_merge_cli_never_replaces_an_existing_folder(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
     run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 1, "--batch-size", 4,
