@@ -166,12 +166,12 @@ ADAPTER_SHAPE = {"--lora-r": ("lora_r", "r"), "--lora-alpha": ("lora_alpha", "lo
 
 def check_adapter_flags(args, config):
     """A flag changed from its default that contradicts the loaded adapter would be silently ignored."""
-    defaults = parse_args(["--out", args.out])
+    defaults = parse_args([])
     for flag, (name, key) in ADAPTER_SHAPE.items():
         given, default, saved = getattr(args, name), getattr(defaults, name), config[key]
         if key == "target_modules" and saved == "all-linear":
             saved = ["all-linear"]
-        if given != default and given != saved and not (key == "modules_to_save" and not given and not saved):
+        if given != default and given != saved:
             raise UserError(f"{flag} {given} contradicts the adapter's {key} = {saved} in {args.adapter}; "
                             f"--adapter continues the adapter as it was configured, so drop {flag}")
 

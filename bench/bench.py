@@ -399,18 +399,18 @@ def report(args, runners, config, memory, device, world_size=1):
           f"{torch.get_num_threads()} threads on {device.type}")
     print(f"matmul peak at the model's shapes, per {'second' if device.type == 'cuda' else 'CPU-second'}: " + ", ".join(
         f"{str(dt).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s" for dt, peak in peaks.items()))
-    lora_params = sum(p.numel() for p in runners[0].params) if lora else 0
-    print(f"model FLOPs per training token: {flops_per_token(config, args.seq, lora, lora_params) / 1e6:.0f} M")
+    flops = {r.name: flops_per_token(config, args.seq, lora, sum(p.numel() for p in r.params) if lora else 0)
+             for r in runners}
+    print(f"model FLOPs per training token: {flops[runners[0].name] / 1e6:.0f} M")
     head = f"{'runner':<16} {'tokens/s':>8} {'tok/CPU-s':>9} {'step ms':>7} {'MFU':>6} {'loss[0]':>8} " \
            f"{'peak RSS MB':>11} {'train RSS MB':>12}" + (" CUDA MB" if device.type == "cuda" else "")
     print(head + "\n" + "-" * len(head))
     results = {}
     for r in runners:
-        lora_params = sum(p.numel() for p in r.params) if lora else 0
         tps = world_size * tokens * len(r.times) / sum(r.times)
         cpu_tps = tokens * len(r.cpu_times) / sum(r.cpu_times)
         rate = tps if device.type == "cuda" else cpu_tps  # see the module docstring, point 4
-        mfu = flops_per_token(config, args.seq, lora, lora_params) * rate / peaks[r.compute_dtype]
+        mfu = flops[r.name] * rate / peaks[r.compute_dtype]
         mem = memory.get(r.name, {})
         results[r.name] = {"tokens_per_s": tps, "tokens_per_cpu_s": cpu_tps, "mfu": mfu, **mem}
         print(f"{r.name:<16} {tps:>8.0f} {cpu_tps:>9.0f} {1000 * sorted(r.times)[len(r.times) // 2]:>7.0f} "
