@@ -18,8 +18,8 @@ import time
 import torch
 
 from nanotune import UserError
-from nanotune.checkpoint import (atomic_dir, damaged, find_checkpoint, local_state, read_state, read_trainer,
-                                 restore_local_state, restore_rng, save_checkpoint)
+from nanotune.checkpoint import (atomic_dir, check_writable, damaged, find_checkpoint, local_state, read_state,
+                                 read_trainer, restore_local_state, restore_rng, save_checkpoint)
 from nanotune.data import Batches, collate, eos_id, load_examples, load_tokenizer, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
                                   deepspeed_config, ds_load_optimizer_state, ds_optimizer_state, full_state_dict,
@@ -147,13 +147,7 @@ def check_args(args):
     if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not (args.overwrite or args.resume):
         raise UserError(f"--out {args.out} holds a previous run; pass --resume to continue it, --overwrite to "
                         "replace it, or choose another --out")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {args.out} is not writable ({e.strerror}); choose a folder you can write to") from None
+    check_writable(args.out)
 
 
 # What --adapter takes from the adapter's adapter_config.json: flag -> (args name, config key).

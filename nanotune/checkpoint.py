@@ -36,6 +36,17 @@ def fsync_dir(path):
         os.close(fd)
 
 
+def check_writable(folder):
+    """Make `folder` if needed and write a file in it, so an unwritable --out fails before any work."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write in {folder} ({e.strerror}); choose an --out you can write to") from None
+
+
 @contextmanager
 def atomic_dir(path):
     """Yield a temporary folder; when the block succeeds it replaces `path` in one rename."""

@@ -58,7 +58,8 @@ def alpaca_user(instruction: str, input_text: str = "") -> str:
 def read_rows(path: str):
     """Yield (where, row) with where = 'file line N' (.jsonl) or 'file row N' (.json array)."""
     if not os.path.isfile(path):
-        raise UserError(f"data file {path!r} does not exist; pass --data a .json or .jsonl file")
+        problem = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise UserError(f"data file {path!r} {problem}; pass --data a .json or .jsonl file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -81,6 +82,8 @@ def read_rows(path: str):
                         "rows, or .jsonl with one row per line") from None
     if not isinstance(rows, list):
         raise UserError(f"{path} must hold a JSON array of rows, not a {type(rows).__name__}")
+    if not rows:
+        raise UserError(f"{path} holds an empty JSON array; it needs at least one row")
     for i, row in enumerate(rows, 1):
         yield f"{path} row {i}", row
 

@@ -43,6 +43,8 @@ def main(argv=None):
     p.add_argument("--model", required=True,
                    help="HF-layout GPT-NeoX folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter folder to apply on top of --model")
+    p.add_argument("--num-layers", type=int, default=-1, help="keep only the first N blocks, as the adapter "
+                   "was trained with (-1: all)")
     p.add_argument("--prompt", required=True, help="the instruction text")
     p.add_argument("--input", default="", help="the input the instruction works on (Alpaca's input field)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
@@ -55,7 +57,7 @@ def main(argv=None):
         if value < 0:
             p.error(f"{flag} must be >= 0, got {value}")
     try:
-        model = from_pretrained(args.model)
+        model = from_pretrained(args.model, num_layers=args.num_layers)
         if args.adapter:
             load_adapter(model, args.adapter)
         tokenizer = load_tokenizer(args.model, model.config.vocab_size)

@@ -10,7 +10,7 @@ import os
 import sys
 
 from nanotune import UserError
-from nanotune.checkpoint import atomic_dir
+from nanotune.checkpoint import atomic_dir, check_writable
 from nanotune.lora import load_adapter, unload
 from nanotune.model import from_pretrained, save_pretrained
 from nanotune.quantize import dequantize, quantize
@@ -49,6 +49,7 @@ def main(argv=None):
         sys.exit(f"error: --out {args.out} already exists and is not an empty folder; the merged model replaces "
                  "whatever is there, so choose a new --out")
     try:
+        check_writable(os.path.dirname(os.path.abspath(args.out)))
         merge_adapter(args.model, args.adapter, args.out, args.num_layers, bits, args.double_quant)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -66,12 +66,14 @@ def test_merge_writes_a_model_equal_to_the_adapted_one(tiny_model_dir, tiny_data
 def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
     run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2,
-              "--batch-size", 4, "--eval-exact-match", 0)
-    proc = subprocess.run([sys.executable, "-m", "nanotune.generate", "--model", tiny_model_dir, "--adapter",
-                           str(out / "adapter"), "--prompt", "Reverse the words.", "--input", "red cat",
-                           "--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "5"],
-                          capture_output=True, text=True, cwd=ROOT)
+              "--batch-size", 4, "--eval-exact-match", 0, "--num-layers", 1)
+    cli = [sys.executable, "-m", "nanotune.generate", "--model", tiny_model_dir, "--adapter", str(out / "adapter"),
+           "--prompt", "Reverse the words.", "--input", "red cat", "--max-new-tokens", "5", "--temperature", "0.8",
+           "--top-k", "5"]
+    proc = subprocess.run([*cli, "--num-layers", "1"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and "pass the same --num-layers" in proc.stderr
     sample = ["--model", tiny_model_dir, "--prompt", "Reverse the words.", "--max-new-tokens", "3"]
     generate_main([*sample, "--temperature", "1", "--top-k", "100000"])  # k beyond the vocabulary: all tokens
     with pytest.raises(SystemExit) as e:
@@ -107,6 +109,9 @@ def test_merge_cli_never_replaces_an_existing_folder(tiny_model_dir, tiny_data, 
         with pytest.raises(SystemExit, match="already exists and is not an empty folder"):
             merge_main(["--model", tiny_model_dir, "--adapter", str(out / "adapter"), "--out", str(target)])
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+    with pytest.raises(SystemExit, match="cannot write in .*choose an --out you can write to"):
+        merge_main(["--model", tiny_model_dir, "--adapter", str(out / "adapter"),
+                    "--out", str(tmp_path / "notes" / "keep.txt" / "merged")])
     merge_main(["--model", tiny_model_dir, "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")])
     assert os.path.exists(tmp_path / "merged" / "model.safetensors")
 
@@ -169,8 +174,12 @@ def test_bad_paths_are_one_line_and_nonzero(tiny_model_dir, tiny_data, tmp_path)
     os.remove(no_tokenizer / "tokenizer.json")
     assert "tokenizer.json is missing" in fails("--model", no_tokenizer, "--data", tiny_data, "--out", tmp_path / "o")
     (tmp_path / "a-file").write_text("")
-    assert "is not writable" in fails("--model", tiny_model_dir, "--data", tiny_data,
+    assert "cannot write in" in fails("--model", tiny_model_dir, "--data", tiny_data,
                                       "--out", tmp_path / "a-file" / "o")
     assert "does not exist" in fails("--model", tiny_model_dir, "--data", tmp_path / "no.json",
                                      "--out", tmp_path / "o")
+    assert "is a folder" in fails("--model", tiny_model_dir, "--data", tmp_path, "--out", tmp_path / "o")
+    (tmp_path / "none.json").write_text("[]")
+    assert "holds an empty JSON array" in fails("--model", tiny_model_dir, "--data", tmp_path / "none.json",
+                                                "--out", tmp_path / "o")
     assert not os.path.exists(tmp_path / "o" / "adapter") and not os.path.exists(tmp_path / "o" / "metrics.jsonl")
