@@ -28,7 +28,7 @@ from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.model import from_pretrained, save_pretrained
-from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
+from nanotune.precision import ALIASES, CHOICES as PRECISIONS, cast_frozen, resolve
 from nanotune.quantize import quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,8 +117,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def quantized(args):
-    return args.load_in_8bit or args.load_in_4bit
+def quant_bits(args):
+    """The base's quantization: 8 (int8), 4 (NF4) or None."""
+    return 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
 
 
 def check_args(args):
@@ -136,10 +137,16 @@ def check_args(args):
         raise UserError(f"--max-steps must be >= 1 (or -1 to use --epochs), got {args.max_steps}")
     if args.load_in_8bit and args.load_in_4bit:
         raise UserError("--load-in-8bit and --load-in-4bit contradict each other; choose one")
-    if quantized(args) and not (args.lora or args.adapter):
+    if quant_bits(args) and not (args.lora or args.adapter):
         raise UserError("a quantized base cannot be trained in full; drop --no-lora or the --load-in-* flag")
     if args.double_quant and not args.load_in_4bit:
         raise UserError("--double-quant applies to --load-in-4bit only")
+    if args.merge and not (args.lora or args.adapter):
+        raise UserError("--merge folds a LoRA adapter into the base; a full fine-tune (--no-lora) writes the whole "
+                        "model already, so drop --merge")
+    if args.strategy == "deepspeed" and ALIASES.get(args.precision, args.precision) == "16-mixed":
+        raise UserError("--precision 16 is not offered with --strategy deepspeed: DeepSpeed runs the backward pass "
+                        "itself, so nanotune's fp16 loss scaling cannot guard it; use --precision bf16 or 32")
     if (args.zero_stage is not None or args.zero_offload or args.deepspeed_config) and args.strategy != "deepspeed":
         raise UserError("--zero-stage, --zero-offload and --deepspeed-config apply to --strategy deepspeed only")
     if not 0 <= args.val_fraction < 1:
@@ -172,7 +179,7 @@ def check_adapter_flags(args, config):
 
 def check_combination(args, strategy, d):
     """Flags that contradict the strategy or the device, once both are known."""
-    if quantized(args) and strategy == "deepspeed":
+    if quant_bits(args) and strategy == "deepspeed":
         raise UserError("a quantized base (--load-in-8bit/4bit) is not supported with --strategy deepspeed; "
                         "use --strategy ddp")
     if args.load_in_8bit and strategy == "fsdp":
@@ -290,11 +297,15 @@ class Metrics:
 
 def main(args):
     check_args(args)
-    strategy, d = compute_init(args.strategy, args.device)
+    strategy, d = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload)
     try:
         train(args, strategy, d)
     finally:
         compute_cleanup()
+    if args.merge and d.is_main:  # after the group is gone, so no rank waits (and times out) while rank 0 merges
+        merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
+                      args.num_layers, quant_bits(args), args.double_quant)
+        print(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)", flush=True)
 
 
 def train(args, strategy, d):
@@ -324,19 +335,21 @@ def train(args, strategy, d):
                             "choose another --out")
         print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
 
-    # Model. Under FSDP only rank 0 reads the checkpoint; the others build it on the meta device
-    # and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading). A 4-bit
-    # base needs its quantization state on every rank: rank 0 broadcasts each base Linear's weight in
-    # turn and every rank quantizes it (the same codes from the same weights), so the other ranks
-    # hold at most one full-precision Linear at a time, next to the 4-bit ones until they are sharded.
-    quant_bits = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
+    # Model. It is read into CPU memory and reaches the GPU only as it will train (quantized, cast),
+    # so a base that fits the GPU only in 4 bits never sits there whole in fp32. Under FSDP only rank
+    # 0 reads the checkpoint; the others build it on the meta device and receive their shards from
+    # rank 0 when it is wrapped (CPU-RAM-efficient loading). A 4-bit base needs its quantization state
+    # on every rank: rank 0 broadcasts each base Linear's weight in turn and every rank quantizes it
+    # (the same codes from the same weights), so the other ranks hold at most one full-precision
+    # Linear at a time, next to the 4-bit ones until they are sharded.
+    bits = quant_bits(args)
     on_meta = strategy == "fsdp" and not d.is_main
-    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else d.device)
+    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else "cpu")
     model.grad_checkpoint = args.grad_checkpoint
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
-    if quant_bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
-        quantize(model, quant_bits, precision.compute_dtype, args.double_quant,
-                 fetch=broadcast_from_rank0 if strategy == "fsdp" else None)
+    if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
+        quantize(model, bits, precision.compute_dtype, args.double_quant,
+                 fetch=broadcast_from_rank0 if strategy == "fsdp" else None, device=d.device)
     if args.adapter:
         load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
         check_adapter_flags(args, model.lora_config)
@@ -345,7 +358,7 @@ def train(args, strategy, d):
                     args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)
     else:
         model.requires_grad_(True)
-    if quant_bits and precision.autocast and model.lora_config["bias"] != "none":
+    if bits and precision.autocast and model.lora_config["bias"] != "none":
         raise UserError(f"trained biases (bias mode {model.lora_config['bias']!r}) on a quantized base need "
                         "--precision 32: bitsandbytes casts its layers' biases to the compute dtype in place, so under "
                         f"{precision.name} they would train in {str(precision.compute_dtype)[6:]}; "
@@ -356,10 +369,10 @@ def train(args, strategy, d):
 
     # Precision, then the distributed wrapper, then the optimizer over what is trainable.
     model = cast_frozen(model, precision)
-    if strategy == "fsdp":
-        full = model.state_dict() if d.is_main else None
+    if strategy == "fsdp":  # rank 0's full state lives only for the call: each rank then keeps its shards
         mixed = precision.compute_dtype if precision.autocast else None
-        model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed, full)
+        model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed,
+                          model.state_dict() if d.is_main else None)
     else:
         model = model.to(d.device)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP
@@ -485,10 +498,6 @@ def train(args, strategy, d):
         with atomic_dir(os.path.join(args.out, name)) as tmp:
             (save_adapter if name == "adapter" else save_pretrained)(core, tmp, state)
         print0(f"saved {os.path.join(args.out, name)}")
-        if args.merge and name == "adapter":
-            merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
-                          args.num_layers, quant_bits, args.double_quant)
-            print0(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)")
     barrier()
 
 

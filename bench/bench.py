@@ -32,7 +32,8 @@ What one run does:
      model's own matmul shapes, forward (B*T, in) x (in, out) and backward (B*T, out) x (out, in),
      measured here in fp32 and bf16. On a CPU both sides are counted per CPU-second (training
      FLOPs per CPU-second / GEMM FLOPs per CPU-second), so a busy machine lowers neither alone;
-     on an idle machine with every thread busy that equals the wall-clock MFU.
+     on an idle machine with every thread busy that equals the wall-clock MFU. On CUDA it is
+     wall-clock and per GPU: the tokens/s of all processes divided by their number.
 
 With --strategy ddp|fsdp, under torchrun, each process trains nanotune wrapped as train.py wraps it
 on its own --batch rows (data parallelism: N processes train N times the rows per step), and
@@ -144,8 +145,10 @@ def base_bytes(module):
 
 def matmul_peak(config, tokens, dtype, device):
     """Best FLOP/s of a GEMM at the model's shapes (M = B*T tokens), forward and input-gradient;
-    per wall-clock second on CUDA, per CPU-second of this process on a CPU."""
+    per wall-clock second on CUDA, per CPU-second of this process on a CPU. A CUDA GEMM at these
+    shapes can take microseconds, so there each timing spans 20 queued GEMMs, not one launch and sync."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
+    reps = 20 if device.type == "cuda" else 1
     C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
     best = 0.0
     for k, n in ((C, 3 * C), (C, C), (C, I), (I, C), (C, V)):
@@ -155,9 +158,10 @@ def matmul_peak(config, tokens, dtype, device):
             for _ in range(3):
                 sync(device)
                 t = clock()
-                x @ w
+                for _ in range(reps):
+                    x @ w
                 sync(device)
-                times.append(clock() - t)
+                times.append((clock() - t) / reps)
             best = max(best, 2 * tokens * k_ * n_ / min(times[1:]))
     return best
 
@@ -316,7 +320,8 @@ def profile(runner, batch_list, steps, device):
             ids, labels = batch_list[i % len(batch_list)]
             runner.step(ids.to(device), labels.to(device))
     print(f"\n== profile: {runner.name}, {steps} steps ==")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40))
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # CPU time on CUDA is launches
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=40))
 
 
 def run_distributed(args):
@@ -349,6 +354,8 @@ def run_distributed(args):
 
 def main(args):
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # synchronize() and the peak-memory calls take the current GPU
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.strategy != "none":
@@ -409,7 +416,7 @@ def report(args, runners, config, memory, device, world_size=1):
     for r in runners:
         tps = world_size * tokens * len(r.times) / sum(r.times)
         cpu_tps = tokens * len(r.cpu_times) / sum(r.cpu_times)
-        rate = tps if device.type == "cuda" else cpu_tps  # see the module docstring, point 4
+        rate = tps / world_size if device.type == "cuda" else cpu_tps  # per GPU or per process: docstring, point 4
         mfu = flops[r.name] * rate / peaks[r.compute_dtype]
         mem = memory.get(r.name, {})
         results[r.name] = {"tokens_per_s": tps, "tokens_per_cpu_s": cpu_tps, "mfu": mfu, **mem}

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py")
 ROWS = [("none", 1, 1), ("none", 1, 2), ("ddp", 1, 1), ("ddp", 2, 1), ("fsdp", 1, 1), ("fsdp", 2, 1)]
 
@@ -39,8 +41,13 @@ def main(argv):
         sys.exit(__doc__)
     head = f"{'strategy':<9} {'processes':>9} {'threads':>7} {'tokens/s':>9} {'x 1 process':>11}"
     print(f"bench.py {' '.join(argv)}\n{head}\n{'-' * len(head)}", flush=True)
+    device = argv[argv.index("--device") + 1] if "--device" in argv else "cuda" if torch.cuda.is_available() else "cpu"
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else None
     base = None
     for strategy, nproc, threads in ROWS:
+        if gpus is not None and nproc > gpus:  # one GPU per process
+            print(f"{strategy:<9} {nproc:>9} {threads:>7}   skipped: needs {nproc} GPUs, this machine has {gpus}")
+            continue
         tps = run(strategy, nproc, threads, argv)["tokens_per_s"]
         base = base or tps
         print(f"{strategy:<9} {nproc:>9} {threads:>7} {tps:>9.0f} {tps / base:>11.2f}", flush=True)

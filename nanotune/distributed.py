@@ -32,10 +32,12 @@ class Dist:
         return self.rank == 0
 
 
-def compute_init(strategy: str, device: str = None, timeout_s: float = 600) -> tuple:
+def compute_init(strategy: str, device: str = None, timeout_s: float = 600, cpu_collectives=False) -> tuple:
     """Resolve --strategy ('auto': ddp when torchrun started several processes) and set up the
     process group if one is needed: NCCL with one GPU per local rank, gloo on CPU. The timeout
-    bounds how long a collective waits for a rank that died, so the others exit instead of hanging."""
+    bounds how long a collective waits for a rank that died, so the others exit instead of hanging.
+    cpu_collectives adds gloo beside NCCL for tensors in CPU memory: FSDP's CPU offload keeps the
+    gradient shards there, and clipping them all-reduces their norm (NCCL only takes GPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if strategy == "auto":
         strategy = "ddp" if world_size > 1 else "none"
@@ -43,7 +45,10 @@ def compute_init(strategy: str, device: str = None, timeout_s: float = 600) -> t
         raise UserError(f"--strategy none cannot run {world_size} processes; use ddp, fsdp or deepspeed")
     use_cuda = torch.cuda.is_available() and not (device or "").startswith("cpu")
     if strategy == "none":
-        return strategy, Dist(device=torch.device(device or ("cuda" if use_cuda else "cpu")))
+        dev = torch.device(device or ("cuda" if use_cuda else "cpu"))
+        if dev.type == "cuda" and dev.index is not None:
+            torch.cuda.set_device(dev)  # calls that take the current GPU (RNG state, peak memory) mean this one
+        return strategy, Dist(device=dev)
     if "RANK" not in os.environ:  # --strategy ddp/fsdp without torchrun: a group of one, on this machine
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -54,8 +59,8 @@ def compute_init(strategy: str, device: str = None, timeout_s: float = 600) -> t
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=dev if use_cuda else None)
+    backend = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if use_cuda else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=dev if use_cuda else None)
     return strategy, Dist(rank, local_rank, dist.get_world_size(), dev)
 
 
@@ -84,15 +89,16 @@ def all_reduce_sum(values: list) -> list:
 
 
 def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor on every rank; the other ranks pass a placeholder of its shape and dtype (on the
-    meta device, say) and get a new tensor. Every rank must call this, in the same order."""
-    out = t if dist.get_rank() == 0 else torch.empty(t.shape, dtype=t.dtype, device=dist_device())
+    """Rank 0's tensor on every rank, on dist_device(); the other ranks pass a placeholder of its shape
+    and dtype (on the meta device, say) and get a new tensor. Every rank must call this, in order."""
+    out = t.to(dist_device()) if dist.get_rank() == 0 else torch.empty(t.shape, dtype=t.dtype, device=dist_device())
     dist.broadcast(out, src=0)
     return out
 
 
 def dist_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    """Where this group's collectives take their tensors: the current GPU under NCCL, else CPU memory."""
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
 
 
 def wrap_ddp(model, d: Dist):
@@ -102,6 +108,24 @@ def wrap_ddp(model, d: Dist):
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                                    find_unused_parameters=False)
+
+
+def check_one_trained_dtype(model, blocks):
+    """FSDP2 reduces each unit's gradients in one flat buffer, so the parameters a unit trains must
+    share a dtype (else fully_shard stops on an AssertionError). Units: each block, then the rest."""
+    units = [(f"gpt_neox.layers.{i}", block.named_parameters()) for i, block in enumerate(blocks)]
+    units.append(("the model outside its blocks",
+                  ((n, p) for n, p in model.named_parameters() if not n.startswith("gpt_neox.layers."))))
+    for where, params in units:
+        trained = {}  # dtype -> the first parameter trained in it
+        for name, p in params:
+            if p.requires_grad:
+                trained.setdefault(str(p.dtype).removeprefix("torch."), name)
+        if len(trained) > 1:
+            (a, a_name), (b, b_name) = list(trained.items())[:2]
+            raise UserError(f"FSDP needs one dtype for the trained parameters of each block, but {where} trains "
+                            f"{a_name} in {a} and {b_name} in {b}; make them agree (--lora-dtype sets LoRA's, "
+                            "--precision bf16-true makes the rest bfloat16) or train fewer kinds (--lora-bias none)")
 
 
 def wrap_fsdp(model, d: Dist, sharding="full", prefetch=False, offload=False, param_dtype=None, full_state=None):
@@ -136,6 +160,7 @@ def wrap_fsdp(model, d: Dist, sharding="full", prefetch=False, offload=False, pa
                   mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
                   offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     blocks = list(model.gpt_neox.layers)
+    check_one_trained_dtype(model, blocks)
     for block in blocks:
         fully_shard(block, **policy)
     fully_shard(model, **policy)

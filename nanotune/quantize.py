@@ -28,19 +28,20 @@ def _bitsandbytes():
 
 
 def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_quant=False, skip=("embed_out",),
-             fetch=None):
+             fetch=None, device=None):
     """Replace every nn.Linear but LoRA's and those named in `skip` (the output head, as in QLoRA) by a
     frozen bitsandbytes layer: Linear8bitLt (bits=8) or NF4 Linear4bit computing in `compute_dtype` (bits=4).
-    double_quant also quantizes the 4-bit block scales (QLoRA sec. 3). Works on CPU and CUDA, on the
-    device the weights are on. `fetch`, if given, maps each weight to the one to quantize, one layer at a
-    time: under FSDP, rank 0's weight broadcast to ranks whose model is on the meta device. Returns the model."""
+    double_quant also quantizes the 4-bit block scales (QLoRA sec. 3). Works on CPU and CUDA: each weight
+    moves to `device` (default: where it is) one layer at a time and is quantized there, so the full-
+    precision model can stay in CPU memory. `fetch`, if given, maps each weight to the one to quantize:
+    under FSDP, rank 0's weight broadcast to ranks whose model is on the meta device. Returns the model."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     bnb = _bitsandbytes()
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or name.split(".")[-1] in ("lora_A", "lora_B", *skip):
             continue  # `type is`, not isinstance: bitsandbytes' layers are nn.Linear subclasses
-        w = m.weight.detach() if fetch is None else fetch(m.weight.detach())  # (out, in)
+        w = (m.weight.detach() if fetch is None else fetch(m.weight.detach())).to(device)  # (out, in)
         shape = (m.in_features, m.out_features, m.bias is not None)
         if bits == 8:
             # threshold=6.0: input columns with an outlier above 6 take an fp16 matmul (LLM.int8() sec. 3.2).

@@ -25,7 +25,7 @@ def single(tiny_model_dir, tiny_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("port,strategy,extra", [(29901, "ddp", []), (29902, "fsdp", ["--fsdp-prefetch"]),
+@pytest.mark.parametrize("port,strategy,extra", [(29901, "ddp", []), (29902, "fsdp", ["--fsdp-prefetch", "--merge"]),
                                                  (29903, "fsdp", ["--fsdp-sharding", "grad-op"]),
                                                  (29904, "fsdp", ["--fsdp-sharding", "hybrid", "--fsdp-prefetch"]),
                                                  (29905, "ddp", ["--grad-checkpoint"])])
@@ -40,6 +40,8 @@ def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, po
     for key in ref:
         torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=1e-5)
     load_adapter(from_pretrained(tiny_model_dir), out / "adapter")  # loads single-process
+    if "--merge" in extra:  # rank 0 merges after the process group is gone
+        assert "the adapter folded into the base" in proc.stdout and (out / "merged" / "model.safetensors").exists()
 
 
 def test_fsdp_full_fine_tune_saves_the_whole_model(tiny_model_dir, tiny_data, tmp_path):

@@ -94,6 +94,12 @@ def test_train_py_modes_lower_the_loss_and_save_lora_only(tiny_model_dir, tiny_d
     (["--load-in-4bit", "--strategy", "fsdp", "--precision", "bf16-true"], "bf16-true with --load-in-4bit is not"),
     (["--load-in-4bit", "--lora-bias", "all", "--precision", "bf16"], "trained biases (bias mode 'all') on a"),
     (["--fsdp-offload", "--strategy", "fsdp"], "--fsdp-offload moves FSDP's shards from GPU to CPU memory"),
+    (["--no-lora", "--merge"], "--merge folds a LoRA adapter into the base"),
+    (["--precision", "16", "--strategy", "deepspeed"], "--precision 16 is not offered with --strategy deepspeed"),
+    (["--strategy", "fsdp", "--precision", "bf16", "--lora-dtype", "bf16", "--lora-bias", "all"],
+     "but gpt_neox.layers.0 trains input_layernorm.bias in float32 and attention.query_key_value.lora_A.weight in "
+     "bfloat16"),
+    (["--strategy", "fsdp", "--precision", "bf16-true", "--lora-bias", "all"], "FSDP needs one dtype for the trained"),
 ])
 def test_contradicting_flags_are_one_sentence(tiny_model_dir, tiny_data, tmp_path, flags, message):
     proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", *flags, check=False)
