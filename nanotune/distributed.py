@@ -32,6 +32,23 @@ class Dist:
         return self.rank == 0
 
 
+def pick_device(name: str = None) -> torch.device:
+    """--device as a torch.device (None: cuda when this machine has a GPU, else cpu); one sentence
+    for a name torch does not know or a GPU this machine lacks."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: nanotune runs on cpu or cuda")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} usable CUDA GPU(s); "
+                        "use --device cpu" + (", or a GPU numbered from 0" if torch.cuda.is_available() else ""))
+    return dev
+
+
 def compute_init(strategy: str, device: str = None, timeout_s: float = 600, cpu_collectives=False) -> tuple:
     """Resolve --strategy ('auto': ddp when torchrun started several processes) and set up the
     process group if one is needed: NCCL with one GPU per local rank, gloo on CPU. The timeout
@@ -43,10 +60,10 @@ def compute_init(strategy: str, device: str = None, timeout_s: float = 600, cpu_
         strategy = "ddp" if world_size > 1 else "none"
     if strategy == "none" and world_size > 1:
         raise UserError(f"--strategy none cannot run {world_size} processes; use ddp, fsdp or deepspeed")
-    use_cuda = torch.cuda.is_available() and not (device or "").startswith("cpu")
+    dev = pick_device(device)
+    use_cuda = dev.type == "cuda"
     if strategy == "none":
-        dev = torch.device(device or ("cuda" if use_cuda else "cpu"))
-        if dev.type == "cuda" and dev.index is not None:
+        if use_cuda and dev.index is not None:
             torch.cuda.set_device(dev)  # calls that take the current GPU (RNG state, peak memory) mean this one
         return strategy, Dist(device=dev)
     if "RANK" not in os.environ:  # --strategy ddp/fsdp without torchrun: a group of one, on this machine

@@ -11,6 +11,7 @@ import torch
 
 from nanotune import UserError
 from nanotune.data import alpaca_user, eos_id, load_tokenizer, prompt_text
+from nanotune.distributed import pick_device
 from nanotune.lora import load_adapter
 from nanotune.model import from_pretrained
 
@@ -51,19 +52,21 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--temperature", args.temperature),
                         ("--top-k", args.top_k)):
         if value < 0:
             p.error(f"{flag} must be >= 0, got {value}")
     try:
+        device = pick_device(args.device)
         model = from_pretrained(args.model, num_layers=args.num_layers)
         if args.adapter:
             load_adapter(model, args.adapter)
         tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     except UserError as e:
         sys.exit(f"error: {e}")
-    model.eval()
+    model.to(device).eval()
     prompt = tokenizer.encode(prompt_text(alpaca_user(args.prompt, args.input)), add_special_tokens=False).ids
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, eos_id(tokenizer),
                    torch.Generator().manual_seed(args.seed))

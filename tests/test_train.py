@@ -81,6 +81,17 @@ def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
     assert e.value.code == 2
 
 
+def test_a_device_this_machine_lacks_is_one_sentence(tiny_model_dir, tiny_data, tmp_path):
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for device, message in (("gpu", "--device 'gpu' is not a device; use cpu, cuda or cuda:N"),
+                            (missing, f"--device {missing}: this machine has {torch.cuda.device_count()} usable")):
+        proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--device", device,
+                         check=False)
+        assert proc.returncode == 1 and f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr
+        with pytest.raises(SystemExit, match=message):
+            generate_main(["--model", str(tiny_model_dir), "--prompt", "hi", "--device", device])
+
+
 def test_adapter_flags_that_contradict_the_adapter_are_refused(tiny_model_dir, tiny_data, tmp_path):
     """--adapter takes r, alpha, targets, ... from adapter_config.json; a flag set to something else
     would be silently ignored, so it is refused. The same value, or the default, is fine."""
