@@ -335,16 +335,17 @@ def train(args, strategy, d):
                             "choose another --out")
         print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
 
-    # Model. It is read into CPU memory and reaches the GPU only as it will train (quantized, cast),
-    # so a base that fits the GPU only in 4 bits never sits there whole in fp32. Under FSDP only rank
-    # 0 reads the checkpoint; the others build it on the meta device and receive their shards from
-    # rank 0 when it is wrapped (CPU-RAM-efficient loading). A 4-bit base needs its quantization state
-    # on every rank: rank 0 broadcasts each base Linear's weight in turn and every rank quantizes it
-    # (the same codes from the same weights), so the other ranks hold at most one full-precision
-    # Linear at a time, next to the 4-bit ones until they are sharded.
+    # Model. Under FSDP only rank 0 reads the checkpoint, into CPU memory; the others build it on the
+    # meta device and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading).
+    # A quantized base is also read into CPU memory, and each Linear reaches the GPU only quantized,
+    # so a base that fits the GPU only in 4 bits never sits there whole in fp32. A 4-bit base under
+    # FSDP needs its quantization state on every rank: rank 0 broadcasts each base Linear's weight in
+    # turn and every rank quantizes it (the same codes from the same weights), so the other ranks hold
+    # at most one full-precision Linear at a time, next to the 4-bit ones until they are sharded.
     bits = quant_bits(args)
     on_meta = strategy == "fsdp" and not d.is_main
-    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta" if on_meta else "cpu")
+    load_to = "meta" if on_meta else "cpu" if bits or strategy == "fsdp" else d.device
+    model = from_pretrained(args.model, num_layers=args.num_layers, device=load_to)
     model.grad_checkpoint = args.grad_checkpoint
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
@@ -385,7 +386,8 @@ def train(args, strategy, d):
         restore_local_state(read_state(checkpoint, 0), named_trainable)
     if strategy == "deepspeed":
         config = deepspeed_config(args.batch_size, args.grad_accum, d.world_size, args.max_grad_norm,
-                                  args.zero_stage, args.zero_offload, args.deepspeed_config)
+                                  args.zero_stage, args.zero_offload, args.deepspeed_config,
+                                  precision.compute_dtype if precision.autocast else None)
         model = wrap_deepspeed(model, optimizer, d, config)
     model.train()
     print0(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "

@@ -204,7 +204,7 @@ def nanotune_model(args, path, device):
     """The model as train.py builds it for this mode, and its precision."""
     lora, precision_name, bits = MODES[args.mode]
     precision = resolve(args.precision or precision_name, device)
-    model = nt_model.from_pretrained(path)  # into CPU memory: the GPU sees only the quantized / cast model
+    model = nt_model.from_pretrained(path, device="cpu" if bits else device)  # a base reaches the GPU quantized
     model.grad_checkpoint = args.grad_checkpoint
     if bits:
         quantize(model, bits, precision.compute_dtype, device=device)

@@ -229,13 +229,19 @@ FLAG_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "t
              "gradient_clipping")
 
 
-def deepspeed_config(micro_batch, grad_accum, world_size, max_grad_norm, stage, offload, file=None):
+def deepspeed_config(micro_batch, grad_accum, world_size, max_grad_norm, stage, offload, file=None,
+                     autocast_dtype=None):
     """DeepSpeed's config built from the same flags as every other strategy, with a user's
-    --deepspeed-config FILE merged over it. The file may repeat what the flags decide, never change it."""
+    --deepspeed-config FILE merged over it. The file may repeat what the flags decide, never change it.
+    autocast_dtype: the mixed precision's compute dtype (bf16), None for 32 and bf16-true."""
     config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
               "train_batch_size": micro_batch * grad_accum * world_size, "gradient_clipping": max_grad_norm,
               # Precision stays nanotune's (fp32 weights + autocast); DeepSpeed's bf16 is another recipe.
               "bf16": {"enabled": False}, "fp16": {"enabled": False},
+              # The engine's forward switches off a CUDA autocast opened outside it unless its own
+              # torch_autocast is on. No "lower precision safe" modules: gradients are reduced in fp32.
+              "torch_autocast": {"enabled": autocast_dtype is not None, "lower_precision_safe_modules": [],
+                                 **({"dtype": str(autocast_dtype).removeprefix("torch.")} if autocast_dtype else {})},
               "zero_optimization": {"stage": 0},
               "zero_allow_untested_optimizer": True,  # our torch AdamW, not DeepSpeed's compiled ones
               "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2 ** 31 - 1}
@@ -249,8 +255,8 @@ def deepspeed_config(micro_batch, grad_accum, world_size, max_grad_norm, stage, 
             if key in user and user[key] != config[key]:
                 raise UserError(f"--deepspeed-config {file}: {key} is {user[key]!r} but the flags give "
                                 f"{config[key]!r}; set it with the flag, or drop it from the file")
-        for key in ("bf16", "fp16", "optimizer", "scheduler"):
-            if key in user and (user[key] or {}).get("enabled", True):
+        for key in ("bf16", "fp16", "torch_autocast", "optimizer", "scheduler"):
+            if key in user and (key == "torch_autocast" or (user[key] or {}).get("enabled", True)):
                 raise UserError(f"--deepspeed-config {file}: {key!r} is nanotune's to choose (--precision, AdamW, "
                                 "--lr with warm-up and cosine); drop it from the file")
         file_stage = user.get("zero_optimization", {}).get("stage")

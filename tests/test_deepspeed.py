@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_torchrun, trajectory
+from conftest import ROOT, run_torchrun, run_train, trajectory
 from nanotune import UserError
-from nanotune.distributed import Dist, wrap_deepspeed
+from nanotune.distributed import Dist, deepspeed_config, wrap_deepspeed
 from nanotune.lora import load_adapter
 from nanotune.model import from_pretrained
 
@@ -88,3 +88,21 @@ def test_deepspeed_config_file_is_merged_and_checked(tiny_model_dir, tiny_data, 
                            str(config)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1
     assert "train_micro_batch_size_per_gpu is 4 but the flags give 2; set it with the flag" in proc.stderr
+
+
+@needs_deepspeed
+def test_bf16_autocast_runs_inside_the_engine(tiny_model_dir, tiny_data, tmp_path):
+    """The engine switches off a CUDA autocast opened outside it unless its torch_autocast is on,
+    which left bf16 frozen weights meeting fp32 activations. bf16-mixed turns it on, in bf16, with
+    gradients reduced in fp32; a ZeRO run follows the single-process bf16 run (a group of one here)."""
+    config = deepspeed_config(2, 1, 1, 1.0, 2, False, autocast_dtype=torch.bfloat16)
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert not deepspeed_config(2, 1, 1, 1.0, 2, False)["torch_autocast"]["enabled"]
+    common = ["--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--precision", "bf16"]
+    run_train(*common, "--out", tmp_path / "one")
+    run_train(*common, "--out", tmp_path / "ds", "--strategy", "deepspeed", "--zero-stage", 2)
+    assert trajectory(tmp_path / "ds") == pytest.approx(trajectory(tmp_path / "one"), abs=1e-5)
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"torch_autocast": {"enabled": False}}))
+    with pytest.raises(UserError, match="'torch_autocast' is nanotune's to choose"):
+        deepspeed_config(2, 1, 1, 1.0, 2, False, file, torch.bfloat16)
