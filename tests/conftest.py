@@ -61,11 +61,18 @@ def tiny_data(tmp_path_factory):
     return str(path)
 
 
-def run_train(*args, check=True, **kw):
-    """Run train.py in a subprocess, as a user would. One thread, as torchrun gives each process:
-    on these tiny models a second thread costs more in synchronisation than it gains."""
+# The environment of the runs the tests compare: no GPU, so they compute on the CPU as in CI (and on
+# a 1-GPU machine a second process does not ask for a second GPU). A test that wants the GPU says so.
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_train(*args, check=True, gpu=False, **kw):
+    """Run train.py in a subprocess, as a user would, on the CPU unless gpu=True (then on the GPU if
+    there is one). One thread, as torchrun gives each process: on these tiny models a second
+    thread costs more in synchronisation than it gains."""
+    env = {**(os.environ if gpu else CPU_ONLY), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+                          capture_output=True, text=True, cwd=ROOT, env=env, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -75,7 +82,7 @@ def run_torchrun(port, *args):
     """train.py under torchrun with 2 processes (gloo on CPU); fails the test if the job fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "train.py", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=CPU_ONLY)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     return proc
 

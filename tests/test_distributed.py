@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_model_dir, run_torchrun, run_train, trajectory
+from conftest import CPU_ONLY, ROOT, make_model_dir, run_torchrun, run_train, trajectory
 from nanotune.lora import load_adapter
 from nanotune.model import from_pretrained
 
@@ -91,7 +91,7 @@ def test_fsdp_ram_efficient_loading_gives_every_rank_identical_weights(tiny_mode
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29921", "tests/fsdp_loading_worker.py", tiny_model_dir],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+                          env={**CPU_ONLY, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("tensors identical") == 2
 
@@ -99,7 +99,7 @@ def test_fsdp_ram_efficient_loading_gives_every_rank_identical_weights(tiny_mode
 def test_two_nodes_simulated_with_launch_sh(tiny_model_dir, tiny_data, tmp_path):
     """Two launch.sh invocations on 127.0.0.1, NNODES=2, one process each, like two machines."""
     out = tmp_path / "out"
-    env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29931"}
+    env = {**CPU_ONLY, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29931"}
     args = [os.path.join(ROOT, "launch.sh"), *map(str, ["--model", tiny_model_dir, "--data", tiny_data,
                                                          "--out", out, *COMMON, "--grad-accum", 2])]
     nodes = [subprocess.Popen(args, cwd=ROOT, env={**env, "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
@@ -129,7 +129,7 @@ def test_a_dead_rank_ends_the_job_and_the_checkpoint_survives(tiny_model_dir, ti
             "--save-every", 2, "--eval-exact-match", 0, "--eval-every", 0]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29941",
            "train.py", *map(str, args)]
-    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CPU_ONLY)
     deadline = time.time() + 120
     while not os.path.exists(out / "checkpoints" / "step-4"):
         assert job.poll() is None and time.time() < deadline

@@ -75,7 +75,8 @@ def test_train_py_modes_lower_the_loss_and_save_lora_only(tiny_model_dir, tiny_d
         pytest.importorskip("bitsandbytes")
     out = tmp_path / "out"
     proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 12,
-                     "--batch-size", 4, "--lr", 1e-2, "--log-every", 1, "--eval-exact-match", 0, *flags)
+                     "--batch-size", 4, "--lr", 1e-2, "--log-every", 1, "--eval-exact-match", 0, *flags,
+                     gpu=True)  # on a GPU machine every mode trains there
     assert "precision " + resolve(flags[flags.index("--precision") + 1] if "--precision" in flags else "32",
                                   torch.device("cuda")).name in proc.stdout
     losses = [float(line.split("| loss ")[1].split()[0]) for line in proc.stdout.splitlines() if "| loss " in line]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_train
+from conftest import CPU_ONLY, ROOT, run_train
 
 STEPS = ["--max-steps", 12, "--batch-size", 2, "--log-every", 1, "--eval-every", 4, "--eval-exact-match", 0,
          "--save-every", 3]
@@ -24,7 +24,7 @@ def losses(out):
 def kill_after_checkpoint(cmd, out, step):
     """Start a run, SIGKILL its whole process group as soon as checkpoint `step` exists."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            start_new_session=True, env={**CPU_ONLY, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, "checkpoints", f"step-{step}")):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -57,9 +57,10 @@ def test_ddp_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                 "train.py", *map(str, ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS])]
     full, out = tmp_path / "full", tmp_path / "out"
-    subprocess.run(torchrun(full, 29811), cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(torchrun(full, 29811), cwd=ROOT, check=True, capture_output=True, env=CPU_ONLY)
     kill_after_checkpoint(torchrun(out, 29812), out, 6)
-    proc = subprocess.run(torchrun(out, 29813) + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(torchrun(out, 29813) + ["--resume"], cwd=ROOT, capture_output=True, text=True,
+                          env=CPU_ONLY)
     assert proc.returncode == 0, proc.stderr
     with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
             open(full / "adapter" / "adapter_model.safetensors", "rb") as b:
@@ -149,7 +150,7 @@ def test_ctrl_c_is_one_line_and_the_checkpoints_resume(tiny_model_dir, tiny_data
     out = tmp_path / "out"
     cmd = [sys.executable, "train.py", "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env={**CPU_ONLY, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not os.path.exists(out / "checkpoints" / "step-3"):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"

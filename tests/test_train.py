@@ -86,7 +86,7 @@ def test_a_device_this_machine_lacks_is_one_sentence(tiny_model_dir, tiny_data, 
     for device, message in (("gpu", "--device 'gpu' is not a device; use cpu, cuda or cuda:N"),
                             (missing, f"--device {missing}: this machine has {torch.cuda.device_count()} usable")):
         proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--device", device,
-                         check=False)
+                         check=False, gpu=True)
         assert proc.returncode == 1 and f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr
         with pytest.raises(SystemExit, match=message):
             generate_main(["--model", str(tiny_model_dir), "--prompt", "hi", "--device", device])
