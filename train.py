@@ -29,7 +29,7 @@ from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.model import from_pretrained, save_pretrained
 from nanotune.precision import ALIASES, CHOICES as PRECISIONS, cast_frozen, resolve
-from nanotune.quantize import quantize
+from nanotune.quantize import quant_bits, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # No fp16: AdamW adds eps = 1e-8 to sqrt(v), which is 0 in fp16, so fp16 weights turn NaN on their first
@@ -115,11 +115,6 @@ def parse_args(argv=None):
     a("--eval-exact-match", type=int, default=64,
       help="held-out rows scored by greedy generation == reference, before and after training (0: off)")
     return p.parse_args(argv)
-
-
-def quant_bits(args):
-    """The base's quantization: 8 (int8), 4 (NF4) or None."""
-    return 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
 
 
 def check_args(args):
@@ -370,8 +365,8 @@ def train(args, strategy, d):
 
     # Precision, then the distributed wrapper, then the optimizer over what is trainable.
     model = cast_frozen(model, precision)
+    mixed = precision.compute_dtype if precision.autocast else None  # the autocast dtype, if any
     if strategy == "fsdp":  # rank 0's full state lives only for the call: each rank then keeps its shards
-        mixed = precision.compute_dtype if precision.autocast else None
         model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed,
                           model.state_dict() if d.is_main else None)
     else:
@@ -386,8 +381,7 @@ def train(args, strategy, d):
         restore_local_state(read_state(checkpoint, 0), named_trainable)
     if strategy == "deepspeed":
         config = deepspeed_config(args.batch_size, args.grad_accum, d.world_size, args.max_grad_norm,
-                                  args.zero_stage, args.zero_offload, args.deepspeed_config,
-                                  precision.compute_dtype if precision.autocast else None)
+                                  args.zero_stage, args.zero_offload, args.deepspeed_config, mixed)
         model = wrap_deepspeed(model, optimizer, d, config)
     model.train()
     print0(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "

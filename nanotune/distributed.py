@@ -240,8 +240,8 @@ def deepspeed_config(micro_batch, grad_accum, world_size, max_grad_norm, stage, 
               "bf16": {"enabled": False}, "fp16": {"enabled": False},
               # The engine's forward switches off a CUDA autocast opened outside it unless its own
               # torch_autocast is on. No "lower precision safe" modules: gradients are reduced in fp32.
-              "torch_autocast": {"enabled": autocast_dtype is not None, "lower_precision_safe_modules": [],
-                                 **({"dtype": str(autocast_dtype).removeprefix("torch.")} if autocast_dtype else {})},
+              "torch_autocast": {"enabled": True, "dtype": str(autocast_dtype).removeprefix("torch."),
+                                 "lower_precision_safe_modules": []} if autocast_dtype else {"enabled": False},
               "zero_optimization": {"stage": 0},
               "zero_allow_untested_optimizer": True,  # our torch AdamW, not DeepSpeed's compiled ones
               "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2 ** 31 - 1}

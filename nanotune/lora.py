@@ -237,16 +237,15 @@ def load_adapter(model, path: str, dtype=torch.float32):
             for alias, head in HEAD_ALIASES.items():
                 name = name.replace(PEFT_PREFIX + alias + ".", PEFT_PREFIX + head + ".")
             found[name] = f.get_tensor(key)
+    layers_hint = "(if it was trained with --num-layers, pass the same --num-layers)"
     for key, p in expected.items():
         if key not in found:
-            raise UserError(f"{weights} lacks {key!r}: the adapter does not fit this model (if it was trained "
-                            "with --num-layers, pass the same --num-layers)")
+            raise UserError(f"{weights} lacks {key!r}: the adapter does not fit this model {layers_hint}")
         if found[key].shape != p.shape:
             raise UserError(f"{weights}: {key!r} has shape {tuple(found[key].shape)} but the model needs "
                             f"{tuple(p.shape)}: the adapter was trained for another model")
         with torch.no_grad():
             p.copy_(found.pop(key))
     if found:
-        raise UserError(f"{weights} has tensors this model cannot take: {', '.join(sorted(found)[:5])} (if it was "
-                        "trained with --num-layers, pass the same --num-layers)")
+        raise UserError(f"{weights} has tensors this model cannot take: {', '.join(sorted(found)[:5])} {layers_hint}")
     return model

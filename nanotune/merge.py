@@ -13,7 +13,7 @@ from nanotune import UserError
 from nanotune.checkpoint import atomic_dir, check_writable
 from nanotune.lora import load_adapter, unload
 from nanotune.model import from_pretrained, save_pretrained
-from nanotune.quantize import dequantize, quantize
+from nanotune.quantize import dequantize, quant_bits, quantize
 
 
 def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=None, double_quant=False):
@@ -44,13 +44,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.double_quant and not args.load_in_4bit:
         p.error("--double-quant applies to --load-in-4bit only")
-    bits = 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
     if os.path.exists(args.out) and not (os.path.isdir(args.out) and not os.listdir(args.out)):
         sys.exit(f"error: --out {args.out} already exists and is not an empty folder; the merged model replaces "
                  "whatever is there, so choose a new --out")
     try:
         check_writable(os.path.dirname(os.path.abspath(args.out)))
-        merge_adapter(args.model, args.adapter, args.out, args.num_layers, bits, args.double_quant)
+        merge_adapter(args.model, args.adapter, args.out, args.num_layers, quant_bits(args), args.double_quant)
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"merged {args.adapter} into {args.model}: {os.path.abspath(args.out)}")

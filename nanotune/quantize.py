@@ -27,6 +27,11 @@ def _bitsandbytes():
     return bitsandbytes
 
 
+def quant_bits(args):
+    """The base's quantization from the --load-in-8bit / --load-in-4bit flags: 8 (int8), 4 (NF4) or None."""
+    return 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
+
+
 def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_quant=False, skip=("embed_out",),
              fetch=None, device=None):
     """Replace every nn.Linear but LoRA's and those named in `skip` (the output head, as in QLoRA) by a
