@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # launch.sh: run train.py under torchrun on one node or many, configured by environment variables.
 # Every argument is passed to train.py unchanged; only a leading --help/-h is launch.sh's own.
-# It accepts the conventions of both seed projects (WORLD_SIZE as "all processes", LLaMA-Factory's
-# NNODES/RANK) and Slurm's variables, so the same job script works on a laptop, a cluster or Slurm.
+# MASTER_ADDR/MASTER_PORT name node 0, NNODES (or NUM_NODES) and NODE_RANK (or RANK) place this node,
+# NPROC_PER_NODE or WORLD_SIZE (all processes, over every node) set the process count; under Slurm
+# its own variables fill in whatever is not set. `./launch.sh --help` describes each one.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,11 +1,12 @@
-"""Fine-tune a GPT-NeoX (Pythia) model with LoRA or in full. The one entry point for every setup.
+"""Fine-tune a causal language model (Llama, Qwen, Mistral, ChatGLM, GPT-NeoX, ...) with LoRA or in
+full. The one entry point for every setup.
 
     python train.py                                    # the default job: LoRA on the bundled tiny model
-    python train.py --model pythia-410m --data my.json --out runs/x --precision bf16
+    python train.py --model Llama-3.2-1B --data my.json --out runs/x --precision bf16
     torchrun --nproc_per_node 4 train.py --strategy fsdp ...    # or ./launch.sh, for many nodes
 
-Read top to bottom: flags -> distributed init -> model -> LoRA -> precision -> wrap (DDP/FSDP)
--> optimizer -> data -> resume -> loop (checkpoints) -> save.
+Read top to bottom: flags -> distributed init -> model -> quantize -> LoRA -> precision -> wrap
+(DDP / FSDP / DeepSpeed) and optimizer -> data -> resume -> loop (checkpoints) -> save.
 """
 import argparse
 import json
@@ -18,27 +19,25 @@ import time
 import torch
 
 from nanotune import UserError
-from nanotune.checkpoint import (atomic_dir, check_writable, damaged, find_checkpoint, local_state, read_state,
-                                 read_trainer, restore_local_state, restore_rng, save_checkpoint)
-from nanotune.data import Batches, collate, eos_id, load_examples, load_tokenizer, split
+from nanotune.checkpoint import atomic_dir, damaged, find_checkpoint, read_trainer, restore, restore_weights, save
+from nanotune.checks import check_adapter_flags, check_args, check_combination, check_resume
+from nanotune.data import Batches, collate, load_examples, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
-                                  deepspeed_config, ds_load_optimizer_state, ds_optimizer_state, full_state_dict,
-                                  print0, wrap_ddp, wrap_deepspeed, wrap_fsdp)
+                                  full_state_dict, grad_sync, load_device, print0, wrap_ddp, wrap_fsdp)
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
-from nanotune.model import from_pretrained, save_pretrained
-from nanotune.precision import ALIASES, CHOICES as PRECISIONS, cast_frozen, resolve
+from nanotune.models import from_pretrained, save_pretrained
+from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
 from nanotune.quantize import quant_bits, quantize
+from nanotune.tokenizer import load_tokenizer
+from nanotune.zero import deepspeed_config, wrap_deepspeed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # No fp16: AdamW adds eps = 1e-8 to sqrt(v), which is 0 in fp16, so fp16 weights turn NaN on their first
 # update; and fp16-mixed's gradient scaler refuses fp16 gradients. Under --precision 16 fp32 LoRA
 # weights compute in fp16 anyway.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Flags that do not change the math of a run: a resume may change these and nothing else.
-RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
-             "keep", "merge", "local_rank"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,7 +48,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument_group("model and data").add_argument
     a("--model", default=os.path.join(HERE, "assets", "tiny-neox"),
-      help="HF-layout GPT-NeoX folder: config.json, *.safetensors, tokenizer.json")
+      help="Hugging Face model folder: config.json, *.safetensors, tokenizer.json (see the README's families)")
     a("--num-layers", type=int, default=-1, help="keep only the first N transformer blocks (-1: all)")
     a("--data", default=os.path.join(HERE, "assets", "data", "train.jsonl"),
       help="training rows, .json or .jsonl: Alpaca, ShareGPT or {text}")
@@ -62,8 +61,8 @@ def parse_args(argv=None):
     a("--lora-r", type=int, default=8, help="rank r of the update B A")
     a("--lora-alpha", type=float, default=32, help="the update is scaled by alpha / r")
     a("--lora-dropout", type=float, default=0.1, help="dropout on the input of A")
-    a("--lora-target", nargs="+", default=["query_key_value"],
-      help="Linear modules to adapt, by name or dotted suffix; 'all-linear' = all but the output head")
+    a("--lora-target", nargs="+", help="Linear modules to adapt, by name or dotted suffix; 'all-linear' = all "
+      "but the output head (None: PEFT's default for the family, e.g. query_key_value, or q_proj v_proj)")
     a("--lora-bias", default="none", choices=["none", "all", "lora_only"],
       help="which biases train with the adapter: none, every bias, or those of adapted layers")
     a("--modules-to-save", nargs="+", default=[], help="modules trained in full and saved with the adapter")
@@ -117,96 +116,206 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args):
-    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha), ("--epochs", args.epochs)):
-        if not (value > 0 and math.isfinite(value)):
-            raise UserError(f"{flag} must be > 0 and finite, got {value}")
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
-                             ("--max-seq-len", args.max_seq_len, 2), ("--log-every", args.log_every, 1),
-                             ("--eval-every", args.eval_every, 0), ("--eval-exact-match", args.eval_exact_match, 0),
-                             ("--save-every", args.save_every, 0), ("--keep", args.keep, 0),
-                             ("--max-grad-norm", args.max_grad_norm, 0), ("--weight-decay", args.weight_decay, 0)):
-        if not (value >= low and math.isfinite(value)):
-            raise UserError(f"{flag} must be >= {low}, got {value}")
-    if args.max_steps != -1 and args.max_steps < 1:
-        raise UserError(f"--max-steps must be >= 1 (or -1 to use --epochs), got {args.max_steps}")
-    if args.load_in_8bit and args.load_in_4bit:
-        raise UserError("--load-in-8bit and --load-in-4bit contradict each other; choose one")
-    if quant_bits(args) and not (args.lora or args.adapter):
-        raise UserError("a quantized base cannot be trained in full; drop --no-lora or the --load-in-* flag")
-    if args.double_quant and not args.load_in_4bit:
-        raise UserError("--double-quant applies to --load-in-4bit only")
-    if args.merge and not (args.lora or args.adapter):
-        raise UserError("--merge folds a LoRA adapter into the base; a full fine-tune (--no-lora) writes the whole "
-                        "model already, so drop --merge")
-    if args.strategy == "deepspeed" and ALIASES.get(args.precision, args.precision) == "16-mixed":
-        raise UserError("--precision 16 is not offered with --strategy deepspeed: DeepSpeed runs the backward pass "
-                        "itself, so nanotune's fp16 loss scaling cannot guard it; use --precision bf16 or 32")
-    if (args.zero_stage is not None or args.zero_offload or args.deepspeed_config) and args.strategy != "deepspeed":
-        raise UserError("--zero-stage, --zero-offload and --deepspeed-config apply to --strategy deepspeed only")
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not (args.overwrite or args.resume):
-        raise UserError(f"--out {args.out} holds a previous run; pass --resume to continue it, --overwrite to "
-                        "replace it, or choose another --out")
-    check_writable(args.out)
+def main(args):
+    check_args(args)
+    world = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload)
+    try:
+        train(args, world)
+    finally:
+        compute_cleanup()
+    if args.merge and world.is_main:  # after the group is gone, so no rank waits (and times out) while rank 0 merges
+        merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
+                      args.num_layers, quant_bits(args), args.double_quant)
+        print(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)", flush=True)
 
 
-# What --adapter takes from the adapter's adapter_config.json: flag -> (args name, config key).
-ADAPTER_SHAPE = {"--lora-r": ("lora_r", "r"), "--lora-alpha": ("lora_alpha", "lora_alpha"),
-                 "--lora-target": ("lora_target", "target_modules"), "--lora-bias": ("lora_bias", "bias"),
-                 "--modules-to-save": ("modules_to_save", "modules_to_save"), "--rslora": ("rslora", "use_rslora"),
-                 "--lora-layers": ("lora_layers", "layers_to_transform"),
-                 "--lora-dropout": ("lora_dropout", "lora_dropout")}
+def train(args, world):
+    precision = resolve(args.precision, world.device)
+    check_combination(args, world)
+    torch.manual_seed(args.seed)
+    checkpoint = find_resume(args, world)  # first, so a resume with other flags fails before anything loads
+
+    # Model: read (where depends on the strategy), quantize the frozen base, add LoRA, cast.
+    bits = quant_bits(args)
+    model = from_pretrained(args.model, num_layers=args.num_layers, device=load_device(world, bits))
+    model.grad_checkpoint = args.grad_checkpoint
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)
+    if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
+        # A 4-bit base under FSDP needs its quantization state on every rank: rank 0 broadcasts each
+        # base Linear's weight in turn and every rank quantizes it (the same codes from the same
+        # weights), so the other ranks hold at most one full-precision Linear at a time.
+        quantize(model, bits, precision.compute_dtype, args.double_quant,
+                 fetch=broadcast_from_rank0 if world.strategy == "fsdp" else None, device=world.device)
+    adapt(model, args, precision)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    model = cast_frozen(model, precision)
+
+    # The strategy's wrapper and the optimizer over what trains (their order is the lesson: see wrap).
+    wrapped, optimizer, named_trainable = wrap(model, args, world, precision, checkpoint)
+    scaler = precision.scaler(world.device)
+    wrapped.train()
+    zero = f" ZeRO-{wrapped.zero_optimization_stage()}" if world.strategy == "deepspeed" else ""
+    print0(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
+           f"({100 * n_train / n_all:.2f}%); precision {precision.name}; strategy {world.strategy}{zero}, "
+           f"{world.size} process(es) on {world.device.type}")
+
+    # Data: tokenized once, then read in a seeded order that is a pure function of the step.
+    train_rows, val = load_data(args, tokenizer)
+    batches = Batches(train_rows, args.batch_size, args.grad_accum, world.size, world.rank, args.seed,
+                      tokenizer.pad_id)
+    total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
+    print0(f"training: {len(train_rows)} rows, {len(val)} held out; global batch {batches.global_batch} rows "
+           f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {world.size} process(es); "
+           f"{total} steps")
+
+    # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
+    start_step = restore(checkpoint, wrapped, world, named_trainable, optimizer, scaler) if checkpoint else 0
+    if checkpoint:
+        print0(f"resumed from {checkpoint} at step {start_step}")
+    metrics = Metrics(args.out, world.is_main, start_step if checkpoint else -1 if args.resume else None)
+    scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
+    if not checkpoint:
+        report_eval(wrapped, val, scored, 0, "before training", args, tokenizer, world, precision, metrics)
+
+    clock, tokens_seen = time.time(), 0
+    for step in range(start_step, total):
+        lr = lr_at(step, args, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro, n_tokens = batches.step(step)
+        step_loss = 0.0
+        for i, (input_ids, labels) in enumerate(micro):
+            grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
+            # Dividing by the global batch's token count (times the world size, since DDP and FSDP
+            # average gradients over ranks) makes the gradient the mean over every trained token of
+            # the step, however rows are split over micro-batches and ranks.
+            with precision.context(world.device):
+                loss = wrapped(input_ids.to(world.device), labels.to(world.device)) * (world.size / n_tokens)
+            if world.strategy == "deepspeed":  # our loss is already scaled for accumulation; step() on every
+                wrapped.backward(loss, scale_wrt_gas=False)  # micro-batch, the engine updates on the last
+                wrapped.step()
+            else:
+                scaler.scale(loss).backward()
+            step_loss += loss.item() / world.size
+            tokens_seen += input_ids.numel() * world.size
+        step_loss = all_reduce_sum([step_loss])[0]
+        if not math.isfinite(step_loss):
+            last_good = find_checkpoint(args.out, "latest")
+            raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
+                            f"{last_good or 'none'}. Lower --lr, or use --precision 32 or bf16")
+        if world.strategy != "deepspeed":  # DeepSpeed clipped and stepped inside wrapped.step()
+            optimizer_step(optimizer, scaler, [p for _, p in named_trainable], args.max_grad_norm, step)
+
+        done = step + 1
+        if done % args.log_every == 0 or done == total:
+            elapsed = time.time() - clock
+            metrics.log(f"step {done}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
+                        f"{tokens_seen / elapsed:.0f} tok/s | {elapsed:.0f}s elapsed, "
+                        f"ETA {elapsed / (done - start_step) * (total - done):.0f}s",
+                        step=done, loss=step_loss, lr=lr, tokens_per_s=tokens_seen / elapsed)
+        if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
+            report_eval(wrapped, val, [], done, f"step {done}", args, tokenizer, world, precision, metrics)
+        if args.save_every and done % args.save_every == 0 and done < total:
+            path = save(args.out, done, wrapped, world, named_trainable, optimizer, scaler, vars(args), args.keep)
+            print0(f"step {done}: checkpoint {path}")
+    if scored:
+        report_eval(wrapped, [], scored, total, "after training", args, tokenizer, world, precision, metrics)
+
+    # Outputs: gathered to rank 0 (FSDP, ZeRO-3), written to a temporary folder, renamed into place.
+    state = full_state_dict(wrapped, world, trainable_only=bool(args.lora or args.adapter))
+    if world.is_main:
+        name = "adapter" if args.lora or args.adapter else "model"
+        with atomic_dir(os.path.join(args.out, name)) as tmp:
+            (save_adapter if name == "adapter" else save_pretrained)(model, tmp, state)
+        print0(f"saved {os.path.join(args.out, name)}")
+    barrier()
 
 
-def check_adapter_flags(args, config):
-    """A flag changed from its default that contradicts the loaded adapter would be silently ignored."""
-    defaults = parse_args([])
-    for flag, (name, key) in ADAPTER_SHAPE.items():
-        given, default, saved = getattr(args, name), getattr(defaults, name), config[key]
-        if key == "target_modules" and saved == "all-linear":
-            saved = ["all-linear"]
-        if given != default and given != saved:
-            raise UserError(f"{flag} {given} contradicts the adapter's {key} = {saved} in {args.adapter}; "
-                            f"--adapter continues the adapter as it was configured, so drop {flag}")
+# --- The steps of train(), in its order ------------------------------------------------------------
+
+def find_resume(args, world):
+    """Clear --out for --overwrite; for --resume, the checkpoint to continue from (None: start at step 0)
+    after checking that its flags are this run's."""
+    if args.overwrite and not args.resume and world.is_main:
+        for name in ("metrics.jsonl", "checkpoints", "adapter", "model", "merged"):
+            path = os.path.join(args.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    barrier()
+    if not args.resume:
+        return None
+    checkpoint = find_checkpoint(args.out, args.resume)
+    if checkpoint:
+        with damaged(checkpoint):
+            check_resume(read_trainer(checkpoint)["args"], args, world.size)
+        return checkpoint
+    finished = [name for name in ("adapter", "model") if os.path.isdir(os.path.join(args.out, name))]
+    if finished:
+        raise UserError(f"--resume: {args.out} holds a finished run ({finished[0]}/) but no checkpoint to continue "
+                        "from (it ran without --save-every); pass --overwrite to train again from step 0, or "
+                        "choose another --out")
+    print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
+    return None
 
 
-def check_combination(args, strategy, d):
-    """Flags that contradict the strategy or the device, once both are known."""
-    if quant_bits(args) and strategy == "deepspeed":
-        raise UserError("a quantized base (--load-in-8bit/4bit) is not supported with --strategy deepspeed; "
-                        "use --strategy ddp")
-    if args.load_in_8bit and strategy == "fsdp":
-        raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
-                        "FSDP cannot split); use --strategy ddp")
-    if args.load_in_4bit and strategy == "fsdp" and args.precision == "bf16-true":
-        raise UserError("--precision bf16-true with --load-in-4bit is not supported under --strategy fsdp (FSDP2 "
-                        "cannot all-gather a block whose packed 4-bit codes sit beside both bf16 weights and fp32 "
-                        "LoRA weights); use --precision bf16")
-    if args.fsdp_offload and (strategy != "fsdp" or d.device.type != "cuda"):
-        raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
-                        "on CUDA (on a CPU run the weights are in CPU memory already)")
+def adapt(model, args, precision):
+    """What trains: a fresh LoRA adapter, the --adapter to continue, or (--no-lora) every weight."""
+    if args.adapter:
+        load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
+        check_adapter_flags(args, parse_args([]), model.lora_config)
+    elif args.lora:
+        inject_lora(model, args.lora_target or model.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
+                    args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)
+    else:
+        model.requires_grad_(True)
+    if quant_bits(args) and precision.autocast and model.lora_config["bias"] != "none":
+        raise UserError(f"trained biases (bias mode {model.lora_config['bias']!r}) on a quantized base need "
+                        "--precision 32: bitsandbytes casts its layers' biases to the compute dtype in place, so under "
+                        f"{precision.name} they would train in {str(precision.compute_dtype)[6:]}; "
+                        "or use --lora-bias none")
 
 
-def check_resume(saved: dict, args, world_size: int):
-    """Refuse a resume whose flags would change the math of the run it continues."""
-    now = {**vars(args), "world_size": world_size}
-    for key in sorted(set(saved) | set(now)):
-        if key not in RESUMABLE and saved.get(key) != now.get(key):
-            flag = "the number of processes" if key == "world_size" else "--" + key.replace("_", "-")
-            raise UserError(f"cannot resume: {flag} was {saved.get(key)!r} in the checkpoint but is "
-                            f"{now.get(key)!r} now; a resumed run must repeat the original's flags")
+def wrap(model, args, world, precision, checkpoint):
+    """The model as the strategy runs it, its AdamW, and the (name, parameter) pairs that train.
+
+    The order differs by strategy, and that is the lesson:
+      FSDP       shards the model first; the optimizer is then built over the shards (DTensors), so
+                 each rank's AdamW holds moments for its own slice only.
+      DDP        keeps whole parameters (the optimizer sees them as they are) and wraps the module to
+                 all-reduce gradients from backward hooks.
+      DeepSpeed  takes the model and the optimizer and wraps both: ZeRO copies the weights it is given
+                 into its fp32 partitions, so a resumed run restores its weights before that."""
+    if world.strategy == "fsdp":  # rank 0's full state lives only for the call: each rank then keeps its shards
+        model = wrap_fsdp(model, world, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload,
+                          precision.autocast_dtype, model.state_dict() if world.is_main else None)
+    else:
+        model = model.to(world.device)
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP
+    optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=args.lr, weight_decay=args.weight_decay)
+    if world.strategy == "ddp":
+        model = wrap_ddp(model, world)
+    elif world.strategy == "deepspeed":
+        if checkpoint:
+            restore_weights(checkpoint, named_trainable)
+        config = deepspeed_config(args.batch_size, args.grad_accum, world.size, args.max_grad_norm, args.zero_stage,
+                                  args.zero_offload, args.deepspeed_config, precision.autocast_dtype)
+        model = wrap_deepspeed(model, optimizer, world, config)
+    return model, optimizer, named_trainable
 
 
-def checkpoint_state(model, strategy, d, named_trainable, optimizer):
-    """The tensors this rank writes into a checkpoint (every rank must call: ZeRO-3 gathers).
-    FSDP: each rank its shards. DeepSpeed: rank 0 the whole trainable weights, each rank its ZeRO
-    optimizer partition. Otherwise every rank holds the same values and rank 0 writes them."""
-    if strategy == "deepspeed":
-        weights = full_state_dict(model, strategy, trainable_only=True)
-        return {**{f"param.{k}": v for k, v in weights.items()}, **ds_optimizer_state(model, optimizer)}
-    return local_state(named_trainable, optimizer) if strategy == "fsdp" or d.is_main else None
+def load_data(args, tokenizer):
+    """(training rows, held-out rows): --val-data, or a seeded --val-fraction of --data."""
+    examples = load_examples(args.data, tokenizer, args.max_seq_len, args.train_on_prompt, log=print0)
+    if args.val_data:
+        return examples, load_examples(args.val_data, tokenizer, args.max_seq_len, args.train_on_prompt, log=print0)
+    train_rows, val = split(examples, args.val_fraction, args.seed)
+    if args.val_fraction and not val:
+        print0(f"note: --val-fraction {args.val_fraction} of {len(examples)} rows holds out none, so there is "
+               "no evaluation; raise it or pass --val-data")
+    return train_rows, val
 
 
 def lr_at(step, args, total):
@@ -218,36 +327,44 @@ def lr_at(step, args, total):
 
 
 def optimizer_step(optimizer, scaler, params, max_grad_norm, step):
-    """Unscale (fp16), clip, step, and clear the gradients."""
-    if scaler:
-        scaler.unscale_(optimizer)
+    """Unscale (fp16), clip, step, and clear the gradients. A disabled scaler (every mode but fp16)
+    passes each call through."""
+    scaler.unscale_(optimizer)
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if scaler:
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skips the step if a gradient overflowed, then lowers the scale
-        scaler.update()
-        if scaler.get_scale() < scale:
-            print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {scaler.get_scale()}")
-    else:
-        optimizer.step()
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed, then lowers the scale
+    scaler.update()
+    if scaler.get_scale() < scale:
+        print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {scaler.get_scale()}")
     optimizer.zero_grad(set_to_none=True)
 
 
+def report_eval(model, val, scored, step, when, args, tokenizer, world, precision, metrics):
+    """Log the held-out loss (if `val`) and the exact-match score (if `scored`) at `step`."""
+    if val:
+        val_loss = evaluate(model, val, args.batch_size, tokenizer.pad_id, world, precision)
+        metrics.log(f"{when}: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
+                    step=step, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
+    if scored:
+        acc = exact_match(model, scored, tokenizer, world, precision)
+        metrics.log(f"{when}: exact match {acc:.1%} on {len(scored)} held-out rows", step=step, exact_match=acc)
+
+
 @torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, d, precision):
+def evaluate(model, examples, batch_size, pad_id, world, precision):
     """Mean loss per response token over the held-out rows, each rank scoring a strided share.
     Shares are padded to equal length with a row that trains nothing, so under FSDP every rank
     runs the same number of forwards (each one is a collective)."""
     model.eval()
-    mine = examples[d.rank::d.world_size]
+    mine = examples[world.rank::world.size]
     blank = type(examples[0])(examples[0].tokens, [False] * len(examples[0].tokens), [], "")
-    mine += [blank] * (math.ceil(len(examples) / d.world_size) - len(mine))
+    mine += [blank] * (math.ceil(len(examples) / world.size) - len(mine))
     total, count = 0.0, 0
     for i in range(0, len(mine), batch_size):
         input_ids, labels = collate(mine[i:i + batch_size], pad_id)
-        with precision.context(d.device):
-            total += float(model(input_ids.to(d.device), labels.to(d.device)))
+        with precision.context(world.device):
+            total += float(model(input_ids.to(world.device), labels.to(world.device)))
         count += int((labels != -100).sum())
     model.train()
     total, count = all_reduce_sum([total, count])
@@ -255,15 +372,15 @@ def evaluate(model, examples, batch_size, pad_id, d, precision):
 
 
 @torch.no_grad()
-def exact_match(model, examples, tokenizer, d, precision):
+def exact_match(model, examples, tokenizer, world, precision):
     """Share of rows whose greedy answer equals the reference response exactly. Every rank
     generates for every row: a sharded model needs all ranks in each forward."""
     model.eval()
     hits = 0
     for ex in examples:
-        answer_len = len(tokenizer.encode(ex.reference, add_special_tokens=False).ids)
-        with precision.context(d.device):
-            new = generate(model, ex.prompt, max_new_tokens=answer_len + 4, eos=eos_id(tokenizer))
+        answer_len = len(tokenizer.encode(ex.reference))
+        with precision.context(world.device):
+            new = generate(model, ex.prompt, max_new_tokens=answer_len + 4, eos=tokenizer.stop_ids)
         hits += tokenizer.decode(new).strip() == ex.reference.strip()
     model.train()
     return hits / max(len(examples), 1)
@@ -288,213 +405,6 @@ class Metrics:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(figures) + "\n")
-
-
-def main(args):
-    check_args(args)
-    strategy, d = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload)
-    try:
-        train(args, strategy, d)
-    finally:
-        compute_cleanup()
-    if args.merge and d.is_main:  # after the group is gone, so no rank waits (and times out) while rank 0 merges
-        merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
-                      args.num_layers, quant_bits(args), args.double_quant)
-        print(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)", flush=True)
-
-
-def train(args, strategy, d):
-    precision = resolve(args.precision, d.device)
-    check_combination(args, strategy, d)
-    torch.manual_seed(args.seed)
-
-    # Resume? Decided first, so a resume with other flags fails before anything is loaded.
-    if args.overwrite and not args.resume and d.is_main:
-        for name in ("metrics.jsonl", "checkpoints", "adapter", "model", "merged"):
-            path = os.path.join(args.out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-    barrier()
-    checkpoint = find_checkpoint(args.out, args.resume) if args.resume else None
-    if checkpoint:
-        with damaged(checkpoint):
-            trainer = read_trainer(checkpoint)
-        check_resume(trainer["args"], args, d.world_size)
-    elif args.resume:
-        finished = [name for name in ("adapter", "model") if os.path.isdir(os.path.join(args.out, name))]
-        if finished:
-            raise UserError(f"--resume: {args.out} holds a finished run ({finished[0]}/) but no checkpoint to continue "
-                            "from (it ran without --save-every); pass --overwrite to train again from step 0, or "
-                            "choose another --out")
-        print0(f"--resume: no checkpoint in {args.out} yet, starting from step 0")
-
-    # Model. Under FSDP only rank 0 reads the checkpoint, into CPU memory; the others build it on the
-    # meta device and receive their shards from rank 0 when it is wrapped (CPU-RAM-efficient loading).
-    # A quantized base is also read into CPU memory, and each Linear reaches the GPU only quantized,
-    # so a base that fits the GPU only in 4 bits never sits there whole in fp32. A 4-bit base under
-    # FSDP needs its quantization state on every rank: rank 0 broadcasts each base Linear's weight in
-    # turn and every rank quantizes it (the same codes from the same weights), so the other ranks hold
-    # at most one full-precision Linear at a time, next to the 4-bit ones until they are sharded.
-    bits = quant_bits(args)
-    on_meta = strategy == "fsdp" and not d.is_main
-    load_to = "meta" if on_meta else "cpu" if bits or strategy == "fsdp" else d.device
-    model = from_pretrained(args.model, num_layers=args.num_layers, device=load_to)
-    model.grad_checkpoint = args.grad_checkpoint
-    tokenizer = load_tokenizer(args.model, model.config.vocab_size)
-    if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
-        quantize(model, bits, precision.compute_dtype, args.double_quant,
-                 fetch=broadcast_from_rank0 if strategy == "fsdp" else None, device=d.device)
-    if args.adapter:
-        load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
-        check_adapter_flags(args, model.lora_config)
-    elif args.lora:
-        inject_lora(model, args.lora_target, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
-                    args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)
-    else:
-        model.requires_grad_(True)
-    if bits and precision.autocast and model.lora_config["bias"] != "none":
-        raise UserError(f"trained biases (bias mode {model.lora_config['bias']!r}) on a quantized base need "
-                        "--precision 32: bitsandbytes casts its layers' biases to the compute dtype in place, so under "
-                        f"{precision.name} they would train in {str(precision.compute_dtype)[6:]}; "
-                        "or use --lora-bias none")
-    core = model  # the unwrapped model: its config, lora_config and parameter names
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-
-    # Precision, then the distributed wrapper, then the optimizer over what is trainable.
-    model = cast_frozen(model, precision)
-    mixed = precision.compute_dtype if precision.autocast else None  # the autocast dtype, if any
-    if strategy == "fsdp":  # rank 0's full state lives only for the call: each rank then keeps its shards
-        model = wrap_fsdp(model, d, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload, mixed,
-                          model.state_dict() if d.is_main else None)
-    else:
-        model = model.to(d.device)
-    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP
-    params = [p for _, p in named_trainable]
-    if strategy == "ddp":
-        model = wrap_ddp(model, d)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scaler = precision.scaler(d.device)
-    if checkpoint and strategy == "deepspeed":  # ZeRO builds its fp32 partitions from the weights it is given
-        restore_local_state(read_state(checkpoint, 0), named_trainable)
-    if strategy == "deepspeed":
-        config = deepspeed_config(args.batch_size, args.grad_accum, d.world_size, args.max_grad_norm,
-                                  args.zero_stage, args.zero_offload, args.deepspeed_config, mixed)
-        model = wrap_deepspeed(model, optimizer, d, config)
-    model.train()
-    print0(f"model: {args.model}, {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
-           f"({100 * n_train / n_all:.2f}%); precision {precision.name}; strategy {strategy}"
-           f"{' ZeRO-' + str(config['zero_optimization']['stage']) if strategy == 'deepspeed' else ''}, "
-           f"{d.world_size} process(es) on {d.device.type}")
-
-    # Data: tokenized once, then read in a seeded order that is a pure function of the step.
-    pad_id = tokenizer.token_to_id("<|padding|>") or eos_id(tokenizer)
-    examples = load_examples(args.data, tokenizer, args.max_seq_len, args.train_on_prompt, log=print0)
-    if args.val_data:
-        train_rows, val = examples, load_examples(args.val_data, tokenizer, args.max_seq_len,
-                                                  args.train_on_prompt, log=print0)
-    else:
-        train_rows, val = split(examples, args.val_fraction, args.seed)
-        if args.val_fraction and not val:
-            print0(f"note: --val-fraction {args.val_fraction} of {len(examples)} rows holds out none, so there is "
-                   "no evaluation; raise it or pass --val-data")
-    batches = Batches(train_rows, args.batch_size, args.grad_accum, d.world_size, d.rank, args.seed, pad_id)
-    total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
-    print0(f"training: {len(train_rows)} rows, {len(val)} held out; global batch {batches.global_batch} rows "
-           f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {d.world_size} process(es); "
-           f"{total} steps")
-
-    # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
-    start_step = 0
-    if checkpoint:
-        with damaged(checkpoint):
-            if strategy == "deepspeed":
-                ds_load_optimizer_state(model, optimizer, read_state(checkpoint, d.rank))
-            else:  # under FSDP each rank reads its own shard; otherwise rank 0 wrote the one copy
-                restore_local_state(read_state(checkpoint, d.rank if strategy == "fsdp" else 0), named_trainable,
-                                    optimizer)
-            restore_rng(checkpoint, d.rank)
-        if scaler and trainer["scaler"]:
-            scaler.load_state_dict(trainer["scaler"])
-        start_step = trainer["step"]
-        print0(f"resumed from {checkpoint} at step {start_step}")
-    metrics = Metrics(args.out, d.is_main, start_step if checkpoint else -1 if args.resume else None)
-
-    scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
-    if val and not checkpoint:
-        val_loss = evaluate(model, val, args.batch_size, pad_id, d, precision)
-        metrics.log(f"before training: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
-                    step=0, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
-    if scored and not checkpoint:
-        acc = exact_match(model, scored, tokenizer, d, precision)
-        metrics.log(f"before training: exact match {acc:.1%} on {len(scored)} held-out rows", step=0,
-                    exact_match=acc)
-
-    clock, tokens_seen = time.time(), 0
-    for step in range(start_step, total):
-        lr = lr_at(step, args, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro, n_tokens = batches.step(step)
-        step_loss = 0.0
-        for i, (input_ids, labels) in enumerate(micro):
-            # Dividing by the global batch's token count (times the world size, since DDP and FSDP
-            # average gradients over ranks) makes the gradient the mean over every trained token of
-            # the step, however rows are split over micro-batches and ranks.
-            last = i == len(micro) - 1
-            if strategy == "ddp":  # all-reduce gradients only on the last micro-batch
-                model.require_backward_grad_sync = last
-            elif strategy == "fsdp":
-                model.set_requires_gradient_sync(last)
-            with precision.context(d.device):
-                loss = model(input_ids.to(d.device), labels.to(d.device)) * (d.world_size / n_tokens)
-            if strategy == "deepspeed":  # our loss is already scaled for accumulation; step() on every
-                model.backward(loss, scale_wrt_gas=False)  # micro-batch, the engine updates on the last
-                model.step()
-            else:
-                (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss.item() / d.world_size
-            tokens_seen += input_ids.numel() * d.world_size
-        step_loss = all_reduce_sum([step_loss])[0]
-        if not math.isfinite(step_loss):
-            last_good = find_checkpoint(args.out, "latest")
-            raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
-                            f"{last_good or 'none'}. Lower --lr, or use --precision 32 or bf16")
-        if strategy != "deepspeed":  # DeepSpeed clipped and stepped inside model.step()
-            optimizer_step(optimizer, scaler, params, args.max_grad_norm, step)
-
-        done = step + 1
-        if done % args.log_every == 0 or done == total:
-            elapsed = time.time() - clock
-            metrics.log(f"step {done}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                        f"{tokens_seen / elapsed:.0f} tok/s | {elapsed:.0f}s elapsed, "
-                        f"ETA {elapsed / (done - start_step) * (total - done):.0f}s",
-                        step=done, loss=step_loss, lr=lr, tokens_per_s=tokens_seen / elapsed)
-        if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
-            val_loss = evaluate(model, val, args.batch_size, pad_id, d, precision)
-            metrics.log(f"step {done}: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
-                        step=done, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
-        if args.save_every and done % args.save_every == 0 and done < total:
-            trainer = {"step": done, "args": {**vars(args), "world_size": d.world_size},
-                       "scaler": scaler.state_dict() if scaler else None}
-            path = save_checkpoint(args.out, done, checkpoint_state(model, strategy, d, named_trainable, optimizer),
-                                   trainer, d.rank, args.keep)
-            print0(f"step {done}: checkpoint {path}")
-    if scored:
-        acc = exact_match(model, scored, tokenizer, d, precision)
-        metrics.log(f"after training: exact match {acc:.1%} on {len(scored)} held-out rows", step=total,
-                    exact_match=acc)
-
-    # Outputs: gathered to rank 0 (FSDP), written to a temporary folder, renamed into place.
-    state = full_state_dict(model, strategy, trainable_only=bool(args.lora or args.adapter))
-    if d.is_main:
-        name = "adapter" if args.lora or args.adapter else "model"
-        with atomic_dir(os.path.join(args.out, name)) as tmp:
-            (save_adapter if name == "adapter" else save_pretrained)(core, tmp, state)
-        print0(f"saved {os.path.join(args.out, name)}")
-    barrier()
 
 
 if __name__ == "__main__":

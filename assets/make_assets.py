@@ -35,7 +35,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root, so `python assets/make_assets.py` finds nanotune
 from nanotune.generate import generate  # noqa: E402
-from nanotune.model import Config, GPTNeoX, save_pretrained  # noqa: E402
+from nanotune.models import save_pretrained  # noqa: E402
+from nanotune.models.gpt_neox import Config, GPTNeoX  # noqa: E402
 
 SEED = 1234
 WORDS = ("ant bee cat cow dog elk fox hen owl pig rat yak apple bread cake corn egg fig grape "

@@ -6,7 +6,7 @@
 
 What one run does:
   1. Builds a random GPT-NeoX of the requested shape (seeded) and writes it once with
-     nanotune.model.save_pretrained to a temporary folder. Every framework loads that same folder,
+     nanotune.models.save_pretrained to a temporary folder. Every framework loads that same folder,
      so both train the identical model on the identical random token batches.
   2. Speed, in this process: each runner (nanotune; with --compare-hf also transformers +
      peft, in its bf16 variants) is built exactly as its users would build it, runs --warmup
@@ -23,11 +23,11 @@ What one run does:
      training footprint: weights, gradients, optimizer state, activations). Lazy imports
      (torch._dynamo on the first AdamW step, bitsandbytes, transformers) are paid before that
      baseline. On CUDA it also reports torch.cuda.max_memory_allocated.
-  4. FLOP utilisation: model FLOPs per token / measured peak. A matmul weight of N parameters costs
-     2N per token forward; training touches it ~4N in LoRA (forward + input gradient; a frozen
-     weight gets no weight gradient) and ~6N when it trains (full fine-tune). The LoRA matrices
-     train (6x their size). Causal attention's two (T x hs) matmuls cost 2*2*T*C per token per
-     layer forward (counted unmasked, as in PaLM's MFU) and 3x that in training, LoRA included:
+  4. FLOP utilisation: model FLOPs per token / measured peak, counted from the Linear layers the
+     model holds. A Linear of N weights costs 2N per token forward; training touches it ~4N when it
+     is frozen (forward + input gradient; no weight gradient) and ~6N when it trains (full fine-tune,
+     and the LoRA matrices). Causal attention's two (T x hs) matmuls cost 2*2*T*(heads*hs) per token
+     per layer forward (counted unmasked, as in PaLM's MFU) and 3x that in training, LoRA included:
      q, k and v need gradients either way. The peak is the best throughput of a dense GEMM at the
      model's own matmul shapes, forward (B*T, in) x (in, out) and backward (B*T, out) x (out, in),
      measured here in fp32 and bf16. On a CPU both sides are counted per CPU-second (training
@@ -55,8 +55,11 @@ import time
 
 import torch
 
-import nanotune.model as nt_model
+import torch.nn as nn
+
 from nanotune.lora import inject_lora
+from nanotune.models import from_pretrained, save_pretrained
+from nanotune.models.gpt_neox import Config, GPTNeoX
 from nanotune.precision import cast_frozen, resolve
 from nanotune.quantize import quantize, weight_bytes
 
@@ -103,7 +106,7 @@ def parse_args(argv=None):
 # ---- the model, the data, the FLOP count -------------------------------------------------------
 
 def make_config(args):
-    return nt_model.Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+    return Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                            num_attention_heads=args.heads, intermediate_size=args.intermediate or 4 * args.hidden,
                            max_position_embeddings=max(2048, args.seq))
 
@@ -111,11 +114,11 @@ def make_config(args):
 def write_model(args, path):
     """A random model with GPT-NeoX's init (normal, std 0.02), saved in HF layout."""
     torch.manual_seed(args.seed)
-    model = nt_model.GPTNeoX(make_config(args))
+    model = GPTNeoX(make_config(args))
     for name, p in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
-    nt_model.save_pretrained(model, path)
+    save_pretrained(model, path)
 
 
 def batches(args, n=4):
@@ -130,11 +133,14 @@ def batches(args, n=4):
     return out
 
 
-def flops_per_token(config, seq, lora, lora_params):
-    C, L, I, V = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
-    matmul_params = L * (C * 3 * C + C * C + 2 * C * I) + C * V  # qkv, dense, MLP, output head
-    attention = L * 2 * 2 * seq * C  # q k^T and (attention) v, per token, forward
-    return (4 if lora else 6) * matmul_params + 6 * lora_params + 3 * attention
+def flops_per_token(model, seq):
+    """Training FLOPs per token of a nanotune model, from its Linear layers (LoRA's, quantized ones
+    and the head included) and its attention width (docstring, point 4)."""
+    linears = sum((6 if m.weight.requires_grad else 4) * m.in_features * m.out_features
+                  for m in model.modules() if isinstance(m, nn.Linear))
+    config = model.config
+    attention = config.num_hidden_layers * 2 * 2 * seq * config.num_attention_heads * config.head_dim
+    return linears + 3 * attention
 
 
 def base_bytes(module):
@@ -143,15 +149,20 @@ def base_bytes(module):
     return weight_bytes(module) - sum(p.nbytes for name, p in module.named_parameters() if ".lora_" in name)
 
 
-def matmul_peak(config, tokens, dtype, device):
+def linear_shapes(model):
+    """The distinct (in, out) shapes of the model's Linear layers, LoRA's low-rank ones aside."""
+    return sorted({(m.in_features, m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and ".lora_" not in name})
+
+
+def matmul_peak(shapes, tokens, dtype, device):
     """Best FLOP/s of a GEMM at the model's shapes (M = B*T tokens), forward and input-gradient;
     per wall-clock second on CUDA, per CPU-second of this process on a CPU. A CUDA GEMM at these
     shapes can take microseconds, so there each timing spans 20 queued GEMMs, not one launch and sync."""
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     reps = 20 if device.type == "cuda" else 1
-    C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
     best = 0.0
-    for k, n in ((C, 3 * C), (C, C), (C, I), (I, C), (C, V)):
+    for k, n in shapes:
         for k_, n_ in ((k, n), (n, k)):  # forward x W^T, then the input gradient dy W
             x, w = torch.randn(tokens, k_, dtype=dtype, device=device), torch.randn(k_, n_, dtype=dtype, device=device)
             times = []
@@ -204,7 +215,7 @@ def nanotune_model(args, path, device):
     """The model as train.py builds it for this mode, and its precision."""
     lora, precision_name, bits = MODES[args.mode]
     precision = resolve(args.precision or precision_name, device)
-    model = nt_model.from_pretrained(path, device="cpu" if bits else device)  # a base reaches the GPU quantized
+    model = from_pretrained(path, device="cpu" if bits else device)  # a base reaches the GPU quantized
     model.grad_checkpoint = args.grad_checkpoint
     if bits:
         quantize(model, bits, precision.compute_dtype, device=device)
@@ -328,27 +339,26 @@ def run_distributed(args):
     """One rank of `torchrun --nproc_per_node N bench.py --strategy ddp|fsdp`. Each rank trains its
     own rows; every step ends in a collective, so rank 0's step time is the slowest rank's."""
     from nanotune.distributed import compute_cleanup, compute_init, wrap_ddp, wrap_fsdp
-    strategy, d = compute_init(args.strategy, args.device)
+    world = compute_init(args.strategy, args.device)
     with tempfile.TemporaryDirectory() as tmp:  # the same seeded weights on every rank
         write_model(args, tmp)
-        model, precision = nanotune_model(args, tmp, d.device)
-    config = model.config
-    if strategy == "ddp":
-        model = wrap_ddp(model, d)
+        model, precision = nanotune_model(args, tmp, world.device)
+    flops, shapes = flops_per_token(model, args.seq), linear_shapes(model)
+    if world.strategy == "ddp":
+        model = wrap_ddp(model, world)
     else:
-        model = wrap_fsdp(model, d, param_dtype=precision.compute_dtype if precision.autocast else None,
-                          full_state=model.state_dict())
-    runner = Runner(f"nanotune {strategy} x{d.world_size}", model, lambda: precision.context(d.device),
+        model = wrap_fsdp(model, world, autocast_dtype=precision.autocast_dtype, full_state=model.state_dict())
+    runner = Runner(f"nanotune {world.strategy} x{world.size}", model, lambda: precision.context(world.device),
                     precision.compute_dtype, hf=False)
-    args.seed += d.rank
+    args.seed += world.rank
     batch_list = batches(args)
     for i in range(args.warmup + args.steps):
-        wall, cpu = runner.step(*(t.to(d.device) for t in batch_list[i % len(batch_list)]))
+        wall, cpu = runner.step(*(t.to(world.device) for t in batch_list[i % len(batch_list)]))
         if i >= args.warmup:
             runner.times.append(wall)
             runner.cpu_times.append(cpu)
-    if d.is_main:
-        report(args, [runner], config, {}, d.device, d.world_size)
+    if world.is_main:
+        report(args, [runner], flops, shapes, {}, world.device, world.size)
     compute_cleanup()
 
 
@@ -376,7 +386,7 @@ def main(args):
         write_model(args, tmp)
         memory = {} if args.no_memory else memory_children(args, names)
         runners = [build(args, tmp, device, name) for name in names]
-        config = runners[0].model.config
+        flops, shapes = flops_per_token(runners[0].model, args.seq), linear_shapes(runners[0].model)
         for r in runners:  # warm-up: first-call allocations, oneDNN kernel selection
             for i in range(args.warmup):
                 r.step(*(t.to(device) for t in batch_list[i % len(batch_list)]))
@@ -393,22 +403,21 @@ def main(args):
             for r in runners:
                 profile(r, batch_list, args.profile, device)
 
-    report(args, runners, config, memory, device)
+    report(args, runners, flops, shapes, memory, device)
 
 
-def report(args, runners, config, memory, device, world_size=1):
-    """The table. tokens/s counts all `world_size` processes; tokens per CPU-second and MFU are this process's."""
-    tokens, lora, nan = args.batch * args.seq, MODES[args.mode][0], float("nan")
-    peaks = {dt: matmul_peak(config, tokens, dt, device) for dt in {r.compute_dtype for r in runners}}
+def report(args, runners, flops, shapes, memory, device, world_size=1):
+    """The table. tokens/s counts all `world_size` processes; tokens per CPU-second and MFU are this process's.
+    flops: nanotune's training FLOPs per token, which every runner is credited with (the same model)."""
+    tokens, nan, config = args.batch * args.seq, float("nan"), make_config(args)
+    peaks = {dt: matmul_peak(shapes, tokens, dt, device) for dt in {r.compute_dtype for r in runners}}
     print(f"\nmode {args.mode}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"{config.num_attention_heads} heads, vocab {config.vocab_size}, batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps each ({args.block} per turn) after {args.warmup} warm-up, "
           f"{torch.get_num_threads()} threads on {device.type}")
     print(f"matmul peak at the model's shapes, per {'second' if device.type == 'cuda' else 'CPU-second'}: " + ", ".join(
         f"{str(dt).removeprefix('torch.')} {peak / 1e9:.0f} GFLOP/s" for dt, peak in peaks.items()))
-    flops = {r.name: flops_per_token(config, args.seq, lora, sum(p.numel() for p in r.params) if lora else 0)
-             for r in runners}
-    print(f"model FLOPs per training token: {flops[runners[0].name] / 1e6:.0f} M")
+    print(f"model FLOPs per training token: {flops / 1e6:.0f} M")
     head = f"{'runner':<16} {'tokens/s':>8} {'tok/CPU-s':>9} {'step ms':>7} {'MFU':>6} {'loss[0]':>8} " \
            f"{'peak RSS MB':>11} {'train RSS MB':>12}" + (" CUDA MB" if device.type == "cuda" else "")
     print(head + "\n" + "-" * len(head))
@@ -417,7 +426,7 @@ def report(args, runners, config, memory, device, world_size=1):
         tps = world_size * tokens * len(r.times) / sum(r.times)
         cpu_tps = tokens * len(r.cpu_times) / sum(r.cpu_times)
         rate = tps / world_size if device.type == "cuda" else cpu_tps  # per GPU or per process: docstring, point 4
-        mfu = flops[r.name] * rate / peaks[r.compute_dtype]
+        mfu = flops * rate / peaks[r.compute_dtype]
         mem = memory.get(r.name, {})
         results[r.name] = {"tokens_per_s": tps, "tokens_per_cpu_s": cpu_tps, "mfu": mfu, **mem}
         print(f"{r.name:<16} {tps:>8.0f} {cpu_tps:>9.0f} {1000 * sorted(r.times)[len(r.times) // 2]:>7.0f} "
@@ -426,7 +435,7 @@ def report(args, runners, config, memory, device, world_size=1):
               + (f" {mem.get('cuda_max_allocated_mb', nan):>7.0f}" if device.type == "cuda" else ""))
     if args.strategy == "none":  # a DDP- or FSDP-wrapped model has other names, and FSDP's holds shards
         model = runners[0].model  # the quantized Linears live in the transformer blocks
-        whole, blocks = base_bytes(model), base_bytes(model.gpt_neox.layers)
+        whole, blocks = base_bytes(model), base_bytes(model.blocks)
         results["nanotune"].update(base_mb=whole / 2**20, blocks_mb=blocks / 2**20)
         print(f"\nnanotune's base weights as this mode stores them: {whole / 2**20:.1f} MB, "
               f"of which the transformer blocks {blocks / 2**20:.1f} MB")

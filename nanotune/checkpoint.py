@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanotune import UserError
-from nanotune.distributed import barrier, like, local
+from nanotune.distributed import barrier, full_state_dict, like, local
 
 
 def fsync_tree(path):
@@ -75,10 +75,49 @@ def atomic_dir(path):
 # --- Training checkpoints: OUT/checkpoints/step-N/ ------------------------------------------------
 #   trainer.json           rank 0: step, flags, data position, loss-scaler state, world size
 #   state-rank{r}.safetensors  trainable weights and AdamW moments. Under FSDP every rank writes
-#                          its own shard; otherwise all ranks hold the same values and rank 0 writes.
+#                          its own shard; under DeepSpeed rank 0 the whole trainable weights and each
+#                          rank its ZeRO optimizer partition; otherwise all ranks hold the same values
+#                          and rank 0 writes them.
 #   rng-rank{r}.safetensors / rng-rank{r}.json  each rank's torch (CPU, CUDA), python, numpy RNG
 # A `latest` file names the newest complete step-N; it is replaced (atomically) after the folder
 # is renamed into place, so it never points at a half-written checkpoint.
+
+def save(out, step, model, world, named_trainable, optimizer, scaler, flags: dict, keep):
+    """Write checkpoint step-`step` of a run (every rank must call: ZeRO-3 gathers, all ranks write)."""
+    if world.strategy == "deepspeed":
+        from nanotune.zero import ds_optimizer_state
+        weights = full_state_dict(model, world, trainable_only=True)
+        tensors = {**{f"param.{k}": v for k, v in weights.items()}, **ds_optimizer_state(model, optimizer)}
+    elif world.strategy == "fsdp" or world.is_main:
+        tensors = local_state(named_trainable, optimizer)
+    else:
+        tensors = None
+    trainer = {"step": step, "args": {**flags, "world_size": world.size}, "scaler": scaler.state_dict()}
+    return save_checkpoint(out, step, tensors, trainer, world.rank, keep)
+
+
+def restore_weights(path, named_trainable):
+    """Only the trainable weights, as rank 0 wrote them: DeepSpeed builds its fp32 partitions from the
+    weights it is given, so they are restored before the engine exists."""
+    with damaged(path):
+        restore_local_state(read_state(path, 0), named_trainable)
+
+
+def restore(path, model, world, named_trainable, optimizer, scaler) -> int:
+    """Weights, AdamW moments, every RNG and the loss scale from checkpoint `path`; returns its step
+    (which is also the data position). The inverse of save."""
+    with damaged(path):
+        if world.strategy == "deepspeed":
+            from nanotune.zero import ds_load_optimizer_state
+            ds_load_optimizer_state(model, optimizer, read_state(path, world.rank))
+        else:  # under FSDP each rank reads its own shard; otherwise rank 0 wrote the one copy
+            restore_local_state(read_state(path, world.rank if world.strategy == "fsdp" else 0), named_trainable,
+                                optimizer)
+        restore_rng(path, world.rank)
+        trainer = read_trainer(path)
+    scaler.load_state_dict(trainer["scaler"] or {})
+    return trainer["step"]
+
 
 def rng_state():
     tensors = {"torch": torch.get_rng_state()}

@@ -5,44 +5,21 @@ Row formats (.json array or .jsonl, one object per line):
   ShareGPT  {"conversations": [{"from": "human"|"gpt"|..., "value": ...}, ...], optional "system"}
   plain     {"text"}
 Every chat row is rendered with one template, each turn as
-  "### Instruction:\n{user}\n\n### Response:\n{assistant}<|endoftext|>"
+  "### Instruction:\n{user}\n\n### Response:\n{assistant}{EOS}"
 (an Alpaca input adds "\n\n### Input:\n{input}" to the instruction; a system text comes first,
-followed by a blank line). By default only response tokens (and their EOS) are trained on.
+followed by a blank line), after the BOS the model's tokenizer puts before a text, if any. EOS is
+the model's own (nanotune.tokenizer). By default only response tokens (and their EOS) are trained on.
 """
 import json
 import os
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer
 
 from nanotune import UserError
-
-IGNORE = -100  # label of a position that is not trained on (cross_entropy's ignore_index)
+from nanotune.loss import IGNORE
 USER_ROLES = {"human": "user", "user": "user", "observation": "user"}
 ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant", "function_call": "assistant"}
-
-
-def load_tokenizer(model_dir: str, vocab_size: int = None) -> Tokenizer:
-    """The model folder's tokenizer.json; vocab_size: the model's, which every token id must fit."""
-    file = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.exists(file):
-        raise UserError(f"{file} is missing; nanotune needs the model's tokenizer.json "
-                        "(Hugging Face 'fast' tokenizer format) next to config.json")
-    try:
-        tokenizer = Tokenizer.from_file(file)
-    except Exception as e:  # tokenizers raises a bare Exception for a damaged or foreign file
-        raise UserError(f"{file} cannot be read as a Hugging Face tokenizer.json ({e})") from None
-    if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
-        raise UserError(f"{file} has {tokenizer.get_vocab_size()} tokens but the model's config.json says "
-                        f"vocab_size {vocab_size}: the tokenizer belongs to another model")
-    if tokenizer.token_to_id("<|endoftext|>") is None:
-        raise UserError(f"{file} has no <|endoftext|> token, which nanotune uses as end of sequence")
-    return tokenizer
-
-
-def eos_id(tokenizer) -> int:
-    return tokenizer.token_to_id("<|endoftext|>")
 
 
 def prompt_text(user: str, system: str = None) -> str:
@@ -142,22 +119,22 @@ class Example:
 
 def encode(tokenizer, system, dialogue, train_on_prompt=False) -> Example:
     """Tokenize prompt and response pieces separately, so the loss mask falls exactly on their border."""
-    tokens, trained, prompt, reference = [], [], None, ""
+    tokens, trained, prompt, reference = list(tokenizer.bos), [False] * len(tokenizer.bos), None, ""
     pending_user = None
     for role, text in dialogue:
         if role == "text":
-            ids = tokenizer.encode(text, add_special_tokens=False).ids + [eos_id(tokenizer)]
-            return Example(ids, [True] * len(ids), [], text)
+            ids = tokenizer.encode(text) + [tokenizer.eos_id]
+            return Example(tokens + ids, trained + [True] * len(ids), [], text)
         if role == "user":
             pending_user = text if pending_user is None else pending_user + "\n\n" + text
             continue
-        head = prompt_text(pending_user or "", system if not tokens else None)
-        ids = tokenizer.encode(head, add_special_tokens=False).ids
+        head = prompt_text(pending_user or "", system if prompt is None else None)
+        ids = tokenizer.encode(head)
         if prompt is None:
             prompt, reference = tokens + ids, text
         tokens += ids
         trained += [train_on_prompt] * len(ids)
-        ids = tokenizer.encode(text, add_special_tokens=False).ids + [eos_id(tokenizer)]
+        ids = tokenizer.encode(text) + [tokenizer.eos_id]
         tokens += ids
         trained += [True] * len(ids)
         pending_user = None

@@ -10,16 +10,17 @@ import sys
 import torch
 
 from nanotune import UserError
-from nanotune.data import alpaca_user, eos_id, load_tokenizer, prompt_text
+from nanotune.data import alpaca_user, prompt_text
 from nanotune.distributed import pick_device
 from nanotune.lora import load_adapter
-from nanotune.model import from_pretrained
+from nanotune.models import from_pretrained
+from nanotune.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos=None, generator=None):
+def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos=(), generator=None):
     """Extend a list of token ids; greedy when temperature is 0, else sampled from the top_k
-    (0: all) most likely tokens. Stops after eos. Returns only the new ids."""
+    (0: all) most likely tokens. Stops at any id in `eos` (not returned). Returns only the new ids."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)  # (1, T)
     new = []
@@ -32,7 +33,7 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos
                 logits[logits < torch.topk(logits, min(top_k, len(logits))).values[-1]] = -float("inf")
             probs = torch.softmax(logits / temperature, dim=-1)
             token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        if token == eos:
+        if token in eos:
             break
         new.append(token)
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
@@ -42,7 +43,7 @@ def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="HF-layout GPT-NeoX folder (config.json, *.safetensors, tokenizer.json)")
+                   help="Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--adapter", help="PEFT-format LoRA adapter folder to apply on top of --model")
     p.add_argument("--num-layers", type=int, default=-1, help="keep only the first N blocks, as the adapter "
                    "was trained with (-1: all)")
@@ -67,8 +68,8 @@ def main(argv=None):
     except UserError as e:
         sys.exit(f"error: {e}")
     model.to(device).eval()
-    prompt = tokenizer.encode(prompt_text(alpaca_user(args.prompt, args.input)), add_special_tokens=False).ids
-    new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, eos_id(tokenizer),
+    prompt = tokenizer.bos + tokenizer.encode(prompt_text(alpaca_user(args.prompt, args.input)))
+    new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, tokenizer.stop_ids,
                    torch.Generator().manual_seed(args.seed))
     print(tokenizer.decode(new))
 

@@ -4,7 +4,9 @@
 `base_layer` and adds a low-rank update:  y = W x + b + B(A(dropout(x))) * scaling.
 Module names match PEFT's, so an adapter saved here is a PEFT adapter and vice versa:
 `<path>.lora_A.weight` is (r, in), `<path>.lora_B.weight` is (out, r), zero-initialised so the
-adapted model starts exactly equal to the base. This file knows nothing of the model it adapts.
+adapted model starts exactly equal to the base. This file knows nothing of the model it adapts
+beyond two optional attributes: `head_path`, the output head that 'all-linear' leaves alone (as
+PEFT does), and `head_aliases`, other names PEFT may save that head under.
 """
 import json
 import math
@@ -19,11 +21,7 @@ from safetensors.torch import save_file
 from nanotune import UserError
 
 BIAS_MODES = ("none", "all", "lora_only")
-OUTPUT_HEADS = ("embed_out", "lm_head")  # never adapted by "all-linear", as in PEFT
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
-# transformers 5 calls GPT-NeoX's output head `lm_head` in memory (the checkpoint still says
-# embed_out), so a PEFT adapter that saves the head may use either name. We write both, read either.
-HEAD_ALIASES = {"lm_head": "embed_out"}
 # PEFT LoraConfig options that change what an adapter computes and that nanotune does not implement:
 # load_adapter refuses an adapter that turns one on, rather than compute something else.
 UNSUPPORTED_PEFT_OPTIONS = {"rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
@@ -75,7 +73,7 @@ class LoRALinear(nn.Module):
 
 
 def block_index(name: str):
-    """The transformer-block index in a module path like 'gpt_neox.layers.3.attention...' (or None)."""
+    """The transformer-block index in a module path like 'model.layers.3.self_attn...' (or None)."""
     m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None
 
@@ -106,7 +104,7 @@ def inject_lora(model: nn.Module, target_modules=("query_key_value",), r=8, alph
         raise UserError("the model already carries LoRA layers; load or inject one adapter only")
     linears = linear_names(model)
     if list(target_modules) == ["all-linear"]:
-        chosen = [n for n in linears if n.split(".")[-1] not in OUTPUT_HEADS]
+        chosen = [n for n in linears if n != getattr(model, "head_path", None)]
     else:
         chosen = [n for n in linears if matches(n, target_modules)]
     if layers is not None:
@@ -122,9 +120,7 @@ def inject_lora(model: nn.Module, target_modules=("query_key_value",), r=8, alph
             raise UserError(f"--modules-to-save {name!r} matches no module; top-level modules are: "
                             f"{', '.join(n for n, _ in model.named_children())}")
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear(getattr(owner, child), r, alpha, dropout, rslora, dtype))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, dtype))
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                          # PEFT accepts "all-linear" only as a string, not in a list
                          "target_modules": "all-linear" if list(target_modules) == ["all-linear"]
@@ -177,8 +173,7 @@ def unload(model):
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             m.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, m.base_layer)
+            model.set_submodule(name, m.base_layer)
     return model
 
 
@@ -190,7 +185,7 @@ def save_adapter(model, path: str, state_dict: dict = None):
                for k, v in state.items() if is_adapter_param(k, model.lora_config)}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **model.lora_config, "fan_in_fan_out": False,
               "base_model_name_or_path": getattr(model, "name_or_path", None), "inference_mode": True}
-    for alias, name in HEAD_ALIASES.items():
+    for alias, name in getattr(model, "head_aliases", {}).items():  # written under both names, read under either
         if name in (config["modules_to_save"] or []):
             config["modules_to_save"] = config["modules_to_save"] + [alias]
             tensors[PEFT_PREFIX + alias + ".weight"] = tensors[PEFT_PREFIX + name + ".weight"].clone()
@@ -222,7 +217,8 @@ def load_adapter(model, path: str, dtype=torch.float32):
     if isinstance(target, str) and target != "all-linear":
         raise UserError(f"{file}: target_modules is the regular expression {target!r}, which nanotune does not "
                         "read; save the adapter with target_modules as a list of module names")
-    to_save = list(dict.fromkeys(HEAD_ALIASES.get(m, m) for m in config.get("modules_to_save") or ()))
+    aliases = getattr(model, "head_aliases", {})
+    to_save = list(dict.fromkeys(aliases.get(m, m) for m in config.get("modules_to_save") or ()))
     inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                 config.get("bias", "none"), to_save, dtype,
                 config.get("use_rslora", False), config.get("layers_to_transform"))
@@ -234,7 +230,7 @@ def load_adapter(model, path: str, dtype=torch.float32):
     with safe_open(weights, framework="pt") as f:
         for key in f.keys():
             name = key.replace(".default.", ".")  # PEFT's adapter name, if it was kept
-            for alias, head in HEAD_ALIASES.items():
+            for alias, head in aliases.items():
                 name = name.replace(PEFT_PREFIX + alias + ".", PEFT_PREFIX + head + ".")
             found[name] = f.get_tensor(key)
     layers_hint = "(if it was trained with --num-layers, pass the same --num-layers)"

@@ -12,7 +12,7 @@ import sys
 from nanotune import UserError
 from nanotune.checkpoint import atomic_dir, check_writable
 from nanotune.lora import load_adapter, unload
-from nanotune.model import from_pretrained, save_pretrained
+from nanotune.models import from_pretrained, save_pretrained
 from nanotune.quantize import dequantize, quant_bits, quantize
 
 

@@ -23,6 +23,12 @@ class Precision:
     compute_dtype: torch.dtype  # what matmuls run in
     autocast: bool  # mixed: weights stay fp32, torch.autocast casts per operation
 
+    @property
+    def autocast_dtype(self):
+        """The dtype autocast computes in (and FSDP gathers weights in, DeepSpeed's engine autocasts
+        to): bf16 or fp16 in the mixed modes, None where no autocast runs."""
+        return self.compute_dtype if self.autocast else None
+
     def context(self, device: torch.device):
         if not self.autocast:
             return contextlib.nullcontext()
@@ -30,8 +36,9 @@ class Precision:
 
     def scaler(self, device: torch.device):
         """fp16-mixed scales the loss so small gradients survive fp16; it skips a step whose
-        gradients overflowed and lowers the scale. Other modes need no scaler."""
-        return torch.amp.GradScaler(device.type) if self.compute_dtype == torch.float16 else None
+        gradients overflowed and lowers the scale. In other modes the scaler is disabled, and a
+        disabled GradScaler passes everything through unchanged (so the loop needs no branches)."""
+        return torch.amp.GradScaler(device.type, enabled=self.compute_dtype == torch.float16)
 
 
 def resolve(name: str, device: torch.device) -> Precision:

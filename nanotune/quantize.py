@@ -32,9 +32,8 @@ def quant_bits(args):
     return 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
 
 
-def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_quant=False, skip=("embed_out",),
-             fetch=None, device=None):
-    """Replace every nn.Linear but LoRA's and those named in `skip` (the output head, as in QLoRA) by a
+def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_quant=False, fetch=None, device=None):
+    """Replace every nn.Linear but LoRA's and the output head (`model.head_path`, as in QLoRA) by a
     frozen bitsandbytes layer: Linear8bitLt (bits=8) or NF4 Linear4bit computing in `compute_dtype` (bits=4).
     double_quant also quantizes the 4-bit block scales (QLoRA sec. 3). Works on CPU and CUDA: each weight
     moves to `device` (default: where it is) one layer at a time and is quantized there, so the full-
@@ -44,7 +43,7 @@ def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_qu
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     bnb = _bitsandbytes()
     for name, m in list(model.named_modules()):
-        if type(m) is not nn.Linear or name.split(".")[-1] in ("lora_A", "lora_B", *skip):
+        if type(m) is not nn.Linear or name.split(".")[-1] in ("lora_A", "lora_B") or name == getattr(model, "head_path", None):
             continue  # `type is`, not isinstance: bitsandbytes' layers are nn.Linear subclasses
         w = (m.weight.detach() if fetch is None else fetch(m.weight.detach())).to(device)  # (out, in)
         shape = (m.in_features, m.out_features, m.bias is not None)
@@ -75,8 +74,7 @@ def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_qu
             # exactly as training does (dequantize, then matmul in compute_dtype).
             q.support_avx512bf16_for_cpu = False
         q.bias = m.bias  # biases stay in full precision, trainable if inject_lora's bias mode says so
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+        model.set_submodule(name, q)
     return model
 
 
@@ -102,8 +100,7 @@ def dequantize(model: nn.Module):
         linear.weight = nn.Parameter(dequantized_weight(bnb, m), requires_grad=False)
         if m.bias is not None:
             linear.bias = nn.Parameter(m.bias.detach().float(), requires_grad=m.bias.requires_grad)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear)
+        model.set_submodule(name, linear)
         replaced += 1
     if replaced:
         warnings.warn(f"dequantized {replaced} Linear layers: the merged weights carry the quantization rounding "

@@ -9,7 +9,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from nanotune.model import Config, GPTNeoX, save_pretrained
+from nanotune.models import save_pretrained
+from nanotune.models.gpt_neox import Config, GPTNeoX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "red green blue cat dog sun moon tree fish bird one two three".split()

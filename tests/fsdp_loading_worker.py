@@ -8,18 +8,18 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from nanotune.distributed import compute_cleanup, compute_init, wrap_fsdp
-from nanotune.model import from_pretrained
+from nanotune.models import from_pretrained
 
 path = sys.argv[1]
-strategy, d = compute_init("fsdp", "cpu")
-model = from_pretrained(path, device="cpu" if d.is_main else "meta")
-assert d.is_main or model.embed_out.weight.is_meta  # nothing was read on the other ranks
-model = wrap_fsdp(model, d, full_state=model.state_dict() if d.is_main else None)
+world = compute_init("fsdp", "cpu")
+model = from_pretrained(path, device="cpu" if world.is_main else "meta")
+assert world.is_main or model.head.weight.is_meta  # nothing was read on the other ranks
+model = wrap_fsdp(model, world, full_state=model.state_dict() if world.is_main else None)
 gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 reference = from_pretrained(path).state_dict()
 assert gathered.keys() == reference.keys()
 for key, value in reference.items():
-    assert torch.equal(gathered[key].cpu(), value), f"rank {d.rank}: {key} differs"
-print(f"rank {d.rank}: {len(reference)} tensors identical", flush=True)
+    assert torch.equal(gathered[key].cpu(), value), f"rank {world.rank}: {key} differs"
+print(f"rank {world.rank}: {len(reference)} tensors identical", flush=True)
 compute_cleanup()
 os._exit(0)  # as train.py does: gloo's workers must not race interpreter teardown

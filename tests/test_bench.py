@@ -43,7 +43,7 @@ def test_flop_count_of_a_full_fine_tune_matches_torchs_flop_counter():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         runner.step(ids, labels)
     config, tokens = runner.model.config, args.batch * args.seq
-    formula = bench.flops_per_token(config, args.seq, lora=False, lora_params=0) * tokens
+    formula = bench.flops_per_token(runner.model, args.seq) * tokens
     missed = 2 * config.hidden_size * config.vocab_size * (tokens + 3 * args.batch)
     assert formula - missed <= counter.get_total_flops() <= formula
 

@@ -5,17 +5,17 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_tokenizer
 from nanotune import UserError
-from nanotune.data import IGNORE, Batches, collate, encode, load_examples, load_tokenizer, prompt_text, turns
+from nanotune.data import IGNORE, Batches, collate, encode, load_examples, prompt_text, turns
+from nanotune.tokenizer import load_tokenizer
 
 REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt-neox-20b",
                               "tokenizer.json")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
 
 
 def write(tmp_path, name, text):
@@ -28,8 +28,8 @@ def test_prompt_is_masked_and_response_is_trained(tok):
     system, dialogue = turns({"instruction": "Reverse the words.", "input": "cat dog", "output": "dog cat"}, "x")
     ex = encode(tok, system, dialogue)
     prompt = "### Instruction:\nReverse the words.\n\n### Input:\ncat dog\n\n### Response:\n"
-    n_prompt = len(tok.encode(prompt, add_special_tokens=False).ids)
-    assert ex.prompt == tok.encode(prompt, add_special_tokens=False).ids
+    n_prompt = len(tok.encode(prompt))
+    assert ex.prompt == tok.encode(prompt)
     assert ex.trained == [False] * n_prompt + [True] * (len(ex.tokens) - n_prompt)
     assert tok.decode(ex.tokens[n_prompt:-1]) == "dog cat" and ex.tokens[-1] == 0  # EOS
     input_ids, labels = collate([ex], pad_id=1)
@@ -80,9 +80,9 @@ def test_text_that_is_not_utf8_is_one_sentence(tok, tmp_path):
 
 def test_tokenizer_json_damaged_or_too_big_for_the_model(tiny_model_dir, tmp_path):
     shutil.copy(os.path.join(tiny_model_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
-    size = load_tokenizer(str(tmp_path), vocab_size=320).get_vocab_size()
+    size = load_tokenizer(tiny_model_dir, vocab_size=320).vocab_size
     with pytest.raises(UserError, match=f"has {size} tokens but the model's config.json says vocab_size {size - 1}"):
-        load_tokenizer(str(tmp_path), vocab_size=size - 1)
+        load_tokenizer(tiny_model_dir, vocab_size=size - 1)
     (tmp_path / "tokenizer.json").write_text('{"model": ')
     with pytest.raises(UserError, match="cannot be read as a Hugging Face tokenizer.json"):
         load_tokenizer(str(tmp_path))
@@ -126,10 +126,11 @@ def test_too_little_data_for_one_global_batch(tok):
 
 
 @pytest.mark.skipif(not os.path.exists(REAL_TOKENIZER), reason="../shared (the real Pythia tokenizer) is absent")
-def test_real_pythia_tokenizer_round_trip():
-    from tokenizers import Tokenizer
-    real = Tokenizer.from_file(REAL_TOKENIZER)
-    assert real.encode("Hello world", add_special_tokens=False).ids == [12092, 1533]
+def test_real_pythia_tokenizer_round_trip(tmp_path):
+    shutil.copy(REAL_TOKENIZER, tmp_path / "tokenizer.json")
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 0}))  # as Pythia's config.json says
+    real = load_tokenizer(str(tmp_path))
+    assert real.encode("Hello world") == [12092, 1533] and real.bos == []
     assert (real.token_to_id("<|endoftext|>"), real.token_to_id("<|padding|>")) == (0, 1)
     ex = encode(real, *turns({"instruction": "Say hi.", "output": "Hi there!"}, "x"))
     assert real.decode(ex.tokens[:-1]) == prompt_text("Say hi.") + "Hi there!" and ex.tokens[-1] == 0

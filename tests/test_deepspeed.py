@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_torchrun, run_train, trajectory
 from nanotune import UserError
-from nanotune.distributed import Dist, deepspeed_config, wrap_deepspeed
+from nanotune.distributed import World
+from nanotune.zero import deepspeed_config, wrap_deepspeed
 from nanotune.lora import load_adapter
-from nanotune.model import from_pretrained
+from nanotune.models import from_pretrained
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
@@ -24,7 +25,7 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def test_missing_deepspeed_is_one_sentence(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # makes `import deepspeed` fail
     with pytest.raises(UserError, match=r"needs DeepSpeed: pip install nanotune\[deepspeed\]"):
-        wrap_deepspeed(None, None, Dist(), {})
+        wrap_deepspeed(None, None, World(), {})
 
 
 STEPS = ["--max-steps", 4, "--batch-size", 2, "--grad-accum", 2, "--log-every", 1, "--eval-every", 2,

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CPU_ONLY, ROOT, make_model_dir, run_torchrun, run_train, trajectory
+from conftest import CPU_ONLY, ROOT, make_model_dir, make_tokenizer, run_torchrun, run_train, trajectory
 from nanotune.lora import load_adapter
-from nanotune.model import from_pretrained
+from nanotune.models import from_pretrained
+from test_llama import config_json, make_folder as make_llama_folder
 
 COMMON = ["--max-steps", 4, "--batch-size", 2, "--log-every", 1, "--eval-every", 2, "--eval-exact-match", 0,
           "--lora-dropout", 0]
@@ -36,7 +37,7 @@ def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, po
     assert "global batch 8 rows = micro-batch 2 x grad-accum 2 x 2 process(es)" in proc.stdout
     assert trajectory(out) == pytest.approx(trajectory(single), abs=1e-6)
     mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (out, single))
-    assert mine.keys() == ref.keys() and len(mine) == 4  # complete: both layers' A and B, not one shard
+    assert mine.keys() == ref.keys() and len(mine) == 8  # complete: q and v, A and B, both layers; not one shard
     for key in ref:
         torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=1e-5)
     load_adapter(from_pretrained(tiny_model_dir), out / "adapter")  # loads single-process
@@ -70,10 +71,14 @@ def test_fsdp_bf16_true_stores_and_computes_in_bf16(tiny_model_dir, tiny_data, t
 
 
 def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
-    """QLoRA under FSDP: rank 0 alone reads the checkpoint, every rank quantizes the weights it
+    """QLoRA under FSDP, on a Llama with grouped-query attention (the family LLaMA-Factory's FSDP+QLoRA
+    examples train): rank 0 alone reads the checkpoint, every rank quantizes the weights it
     broadcasts, FSDP shards the packed NF4 codes. Width 64: bitsandbytes' 4-bit blocks hold 64 weights."""
     pytest.importorskip("bitsandbytes")
-    model = make_model_dir(tmp_path / "model", hidden_size=64, intermediate_size=128)
+    model = str(tmp_path / "model")
+    make_llama_folder(model, config_json("llama", vocab_size=320, eos_token_id=0, hidden_size=64,
+                                         intermediate_size=128, num_key_value_heads=2))
+    make_tokenizer().save(os.path.join(model, "tokenizer.json"))
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     flags = ["--model", model, "--data", tiny_data, *COMMON, "--load-in-4bit", "--double-quant"]
     run_train(*flags, "--out", single, "--grad-accum", 4)
@@ -81,7 +86,7 @@ def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
     # Measured: within 4e-7 (float32 sums taken in another order), as without quantization.
     assert trajectory(fsdp) == pytest.approx(trajectory(single), abs=1e-5)
     mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (fsdp, single))
-    assert mine.keys() == ref.keys() and len(mine) == 4  # complete: both layers' A and B, not one shard
+    assert mine.keys() == ref.keys() and len(mine) == 8  # complete: q and v, A and B, both layers; not one shard
     for key in ref:
         torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=1e-5)
     load_adapter(from_pretrained(model), fsdp / "adapter")

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_config
 from nanotune import UserError
 from nanotune.lora import LoRALinear, inject_lora, load_adapter, merge, save_adapter, unload, unmerge
-from nanotune.model import GPTNeoX, from_pretrained
+from nanotune.models import from_pretrained
+from nanotune.models.gpt_neox import GPTNeoX
 
 
 def seq():

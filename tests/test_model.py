@@ -11,7 +11,9 @@ from safetensors.torch import load_file, save_file
 from conftest import make_model_dir, tiny_config
 from nanotune import UserError
 from nanotune.lora import inject_lora
-from nanotune.model import GPTNeoX, LinearCrossEntropy, from_pretrained, save_pretrained
+from nanotune.loss import LinearCrossEntropy
+from nanotune.models import from_pretrained, save_pretrained
+from nanotune.models.gpt_neox import GPTNeoX
 
 
 def reference_logits(sd, cfg, ids):
@@ -243,8 +245,10 @@ def test_bad_checkpoints_are_one_sentence_errors(tiny_model_dir, tmp_path):
     sd = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
     with pytest.raises(UserError, match="does not exist"):
         from_pretrained(str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match="only supports GPT-NeoX"):
-        from_pretrained(folder("llama", {"model_type": "llama"}, sd))
+    with pytest.raises(UserError, match="model_type is 'gpt2', which nanotune does not support; it loads .*gpt_neox"):
+        from_pretrained(folder("gpt2", {"model_type": "gpt2"}, sd))
+    with pytest.raises(UserError, match=r"already quantized \(gptq\); nanotune quantizes from full-precision"):
+        from_pretrained(folder("gptq", {"quantization_config": {"quant_method": "gptq", "bits": 4}}, sd))
     with pytest.raises(UserError, match="num_attention_heads must be a positive integer, got 0"):
         from_pretrained(folder("heads", {"num_attention_heads": 0}, sd))
     with pytest.raises(UserError, match="hidden_size must be a positive integer, got '32'"):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from conftest import run_train, tiny_config
 from nanotune import UserError
 from nanotune.lora import inject_lora
-from nanotune.model import GPTNeoX
+from nanotune.models.gpt_neox import GPTNeoX
 from nanotune.precision import cast_frozen, resolve
 
 CPU = torch.device("cpu")

@@ -12,7 +12,8 @@ from conftest import tiny_config  # noqa: E402
 from nanotune import UserError  # noqa: E402
 from nanotune.lora import LoRALinear, inject_lora, load_adapter, save_adapter, unload  # noqa: E402
 from nanotune.merge import main as merge_main  # noqa: E402
-from nanotune.model import GPTNeoX, from_pretrained, save_pretrained  # noqa: E402
+from nanotune.models import from_pretrained, save_pretrained  # noqa: E402
+from nanotune.models.gpt_neox import GPTNeoX  # noqa: E402
 from nanotune.quantize import dequantize, dequantized_weight, quantize, weight_bytes  # noqa: E402
 
 # The 16 NF4 levels, QLoRA (arXiv:2305.14314) appendix E: quantiles of N(0, 1) scaled to [-1, 1].
@@ -49,7 +50,7 @@ def train(model, steps, lr=1e-2):
     model.train()
     losses = []
     for _ in range(steps):
-        loss = model.loss_sum(ids[:, :-1], ids[:, 1:]) / ids[:, 1:].numel()
+        loss = model(ids[:, :-1], ids[:, 1:]) / ids[:, 1:].numel()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -119,7 +120,7 @@ def test_evaluation_inside_training_keeps_gradients(bits):
     losses, ids = train(model, 2)
     model.eval()
     with torch.no_grad():
-        eval_loss = (model.loss_sum(ids[:, :-1], ids[:, 1:]) / ids[:, 1:].numel()).item()
+        eval_loss = (model(ids[:, :-1], ids[:, 1:]) / ids[:, 1:].numel()).item()
     later, _ = train(model, 4)
     if bits == 4:  # evaluation computes exactly as training does (no dropout here)
         assert eval_loss == later[0]

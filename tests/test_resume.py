@@ -146,19 +146,33 @@ def test_a_damaged_checkpoint_is_one_sentence(tiny_model_dir, tiny_data, tmp_pat
     assert f"error: checkpoint {step} is damaged or incomplete" in proc.stderr
 
 
-def test_ctrl_c_is_one_line_and_the_checkpoints_resume(tiny_model_dir, tiny_data, tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "train.py", "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**CPU_ONLY, "OMP_NUM_THREADS": "1"})
+def interrupt_when(cmd, ready):
+    """Start a run and send it Ctrl-C (SIGINT) once ready() holds; returns (exit status, stdout, stderr).
+    The run is far longer than the test waits, so the signal always lands mid-run, however slow the
+    machine: no race with the run's own end."""
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**CPU_ONLY, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
-    while not os.path.exists(out / "checkpoints" / "step-3"):
+    while not ready(proc):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted;" in err, err
-    assert "resumed from" in run_train(*cmd[2:], "--resume").stdout
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_is_one_line_and_the_checkpoints_resume(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "train.py", "--model", tiny_model_dir, "--data", tiny_data, "--out", out,
+           "--max-steps", 100000, "--batch-size", 2, "--eval-every", 0, "--eval-exact-match", 0, "--save-every", 3]
+    code, _, err = interrupt_when(cmd, lambda proc: os.path.exists(out / "checkpoints" / "step-3"))
+    assert code == 130 and "Traceback" not in err and "interrupted;" in err, err
+    # The resumed run continues from a checkpoint of the interrupted one; interrupt it once it says so.
+    resumed = []
+    code, stdout, err = interrupt_when(cmd + ["--resume"], lambda proc: resumed.append(proc.stdout.readline()) or
+                                       "resumed from" in resumed[-1])
+    assert code == 130 and "Traceback" not in err, err
+    assert "/checkpoints/step-" in resumed[-1]
 
 
 def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tiny_data, tmp_path):

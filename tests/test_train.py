@@ -15,7 +15,7 @@ from nanotune import UserError
 from nanotune.generate import main as generate_main
 from nanotune.lora import load_adapter
 from nanotune.merge import main as merge_main
-from nanotune.model import from_pretrained
+from nanotune.models import from_pretrained
 
 
 def metrics(out):

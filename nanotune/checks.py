@@ -1,0 +1,98 @@
+"""Flag checks: every contradiction or out-of-range value becomes one sentence before any work.
+
+check_args runs on the flags alone, check_combination once the strategy and device are known,
+check_adapter_flags against a loaded adapter's config, check_resume against a checkpoint's flags.
+"""
+import math
+import os
+
+from nanotune import UserError
+from nanotune.checkpoint import check_writable
+from nanotune.precision import ALIASES
+from nanotune.quantize import quant_bits
+
+# Flags that do not change the math of a run: a resume may change these and nothing else.
+RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
+             "keep", "merge", "local_rank"}
+
+
+def check_args(args):
+    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha), ("--epochs", args.epochs)):
+        if not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{flag} must be > 0 and finite, got {value}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
+                             ("--max-seq-len", args.max_seq_len, 2), ("--log-every", args.log_every, 1),
+                             ("--eval-every", args.eval_every, 0), ("--eval-exact-match", args.eval_exact_match, 0),
+                             ("--save-every", args.save_every, 0), ("--keep", args.keep, 0),
+                             ("--max-grad-norm", args.max_grad_norm, 0), ("--weight-decay", args.weight_decay, 0)):
+        if not (value >= low and math.isfinite(value)):
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.max_steps != -1 and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1 (or -1 to use --epochs), got {args.max_steps}")
+    if args.load_in_8bit and args.load_in_4bit:
+        raise UserError("--load-in-8bit and --load-in-4bit contradict each other; choose one")
+    if quant_bits(args) and not (args.lora or args.adapter):
+        raise UserError("a quantized base cannot be trained in full; drop --no-lora or the --load-in-* flag")
+    if args.double_quant and not args.load_in_4bit:
+        raise UserError("--double-quant applies to --load-in-4bit only")
+    if args.merge and not (args.lora or args.adapter):
+        raise UserError("--merge folds a LoRA adapter into the base; a full fine-tune (--no-lora) writes the whole "
+                        "model already, so drop --merge")
+    if args.strategy == "deepspeed" and ALIASES.get(args.precision, args.precision) == "16-mixed":
+        raise UserError("--precision 16 is not offered with --strategy deepspeed: DeepSpeed runs the backward pass "
+                        "itself, so nanotune's fp16 loss scaling cannot guard it; use --precision bf16 or 32")
+    if (args.zero_stage is not None or args.zero_offload or args.deepspeed_config) and args.strategy != "deepspeed":
+        raise UserError("--zero-stage, --zero-offload and --deepspeed-config apply to --strategy deepspeed only")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not (args.overwrite or args.resume):
+        raise UserError(f"--out {args.out} holds a previous run; pass --resume to continue it, --overwrite to "
+                        "replace it, or choose another --out")
+    check_writable(args.out)
+
+
+# What --adapter takes from the adapter's adapter_config.json: flag -> (args name, config key).
+ADAPTER_SHAPE = {"--lora-r": ("lora_r", "r"), "--lora-alpha": ("lora_alpha", "lora_alpha"),
+                 "--lora-target": ("lora_target", "target_modules"), "--lora-bias": ("lora_bias", "bias"),
+                 "--modules-to-save": ("modules_to_save", "modules_to_save"), "--rslora": ("rslora", "use_rslora"),
+                 "--lora-layers": ("lora_layers", "layers_to_transform"),
+                 "--lora-dropout": ("lora_dropout", "lora_dropout")}
+
+
+def check_adapter_flags(args, defaults, config):
+    """A flag changed from its default that contradicts the loaded adapter would be silently ignored."""
+    for flag, (name, key) in ADAPTER_SHAPE.items():
+        given, default, saved = getattr(args, name), getattr(defaults, name), config[key]
+        if key == "target_modules" and saved == "all-linear":
+            saved = ["all-linear"]
+        if given != default and given != saved:
+            raise UserError(f"{flag} {given} contradicts the adapter's {key} = {saved} in {args.adapter}; "
+                            f"--adapter continues the adapter as it was configured, so drop {flag}")
+
+
+def check_combination(args, world):
+    """Flags that contradict the strategy or the device, once both are known."""
+    strategy = world.strategy
+    if quant_bits(args) and strategy == "deepspeed":
+        raise UserError("a quantized base (--load-in-8bit/4bit) is not supported with --strategy deepspeed; "
+                        "use --strategy ddp")
+    if args.load_in_8bit and strategy == "fsdp":
+        raise UserError("--load-in-8bit cannot be sharded by FSDP (bitsandbytes' int8 weights carry row scales "
+                        "FSDP cannot split); use --strategy ddp")
+    if args.load_in_4bit and strategy == "fsdp" and args.precision == "bf16-true":
+        raise UserError("--precision bf16-true with --load-in-4bit is not supported under --strategy fsdp (FSDP2 "
+                        "cannot all-gather a block whose packed 4-bit codes sit beside both bf16 weights and fp32 "
+                        "LoRA weights); use --precision bf16")
+    if args.fsdp_offload and (strategy != "fsdp" or world.device.type != "cuda"):
+        raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
+                        "on CUDA (on a CPU run the weights are in CPU memory already)")
+
+
+def check_resume(saved: dict, args, world_size: int):
+    """Refuse a resume whose flags would change the math of the run it continues."""
+    now = {**vars(args), "world_size": world_size}
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUMABLE and saved.get(key) != now.get(key):
+            flag = "the number of processes" if key == "world_size" else "--" + key.replace("_", "-")
+            raise UserError(f"cannot resume: {flag} was {saved.get(key)!r} in the checkpoint but is "
+                            f"{now.get(key)!r} now; a resumed run must repeat the original's flags")

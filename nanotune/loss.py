@@ -1,0 +1,89 @@
+"""The training loss: summed next-token cross-entropy, fused with the output head.
+
+The logits of a real vocabulary are the largest tensor of a step (B*T x V: 4 x 1024 x 128k fp32 is
+2 GB), so they are computed a chunk at a time, only where a label exists, and never kept for the
+backward (LinearCrossEntropy below).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100  # label of a position that is not trained on (cross_entropy's ignore_index)
+
+
+def summed_cross_entropy(h, labels, head, chunk=256):
+    """Summed next-token cross-entropy over positions whose label is not IGNORE (fp32 scalar).
+
+    h (B, T, C) are the final hidden states, head the output Linear. labels are already shifted
+    (labels[:, t] is the target after input_ids[:, t]). The caller divides by the token count of the
+    whole global batch, so every micro-batch, rank and accumulation step weighs each token equally."""
+    keep = labels != IGNORE
+    h, targets = h[keep], labels[keep]  # (N, C), (N,)
+    if type(head) is nn.Linear and head.bias is None:  # a LoRA-adapted head takes the plain loop below
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
+            else head.weight.dtype
+        return LinearCrossEntropy.apply(h.to(dtype), head.weight.to(dtype), targets, chunk)
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        logits = head(h[i:i + chunk]).float()
+        total = total + F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
+    return total
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, target_i) with the gradients computed in the forward, `chunk` rows at a time.
+
+    Plain autograd keeps every chunk's (n, V) logits, their fp32 copy and their log-softmax for the
+    backward. Here each chunk's gradient is formed at once instead, since d loss / d logits is just
+    softmax - one_hot(target): grad_h = dlogits @ W (n, C), and grad_W += dlogits^T @ h (V, C)
+    when the head trains. Only grad_h (N, C) and grad_W outlive the forward, and one (chunk, V)
+    buffer serves every chunk: on a CPU, a fresh 50-200 MB tensor per chunk costs more in page
+    faults (the kernel zero-fills each new mapping) than the softmax itself. Same idea as
+    Liger-Kernel's fused linear cross-entropy. h and W come in the compute dtype; the softmax is fp32.
+
+    On a CPU the softmax runs on CPU_ROWS rows at a time: its passes over a (32, V) fp32 block
+    (6 MB at V = 50k) stay in cache, where a whole chunk would go to DRAM on every pass (measured:
+    this halves the loss's non-GEMM time at Pythia's vocabulary). A GPU takes the chunk at once."""
+
+    CPU_ROWS = 32
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        N, V = h.shape[0], weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[:2]
+        ctx.weight_dtype = weight.dtype
+        rows = LinearCrossEntropy.CPU_ROWS if h.device.type == "cpu" else chunk
+        logits = h.new_empty(min(chunk, N), V)  # compute dtype: the chunk's logits, then its dlogits
+        probs = h.new_empty(min(rows, N), V, dtype=torch.float32)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w_chunk = torch.empty_like(weight) if need_w and weight.dtype != torch.float32 else None
+        total = h.new_zeros((), dtype=torch.float32)
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen here, and out= needs that
+            for i in range(0, N, chunk):
+                x = h[i:i + chunk]  # (n, C)
+                z = torch.matmul(x, weight.t(), out=logits[:x.shape[0]])  # (n, V)
+                for j in range(0, x.shape[0], rows):
+                    zj = z[j:j + rows]  # (m, V)
+                    t = targets[i + j:i + j + zj.shape[0], None]  # (m, 1)
+                    top = zj.amax(dim=1, keepdim=True).float()  # subtracted before exp: nothing overflows
+                    p = torch.sub(zj, top, out=probs[:zj.shape[0]]).exp_()
+                    s = p.sum(dim=1, keepdim=True)
+                    total += (top + s.log() - zj.gather(1, t).float()).sum()  # logsumexp - target logit
+                    if need_h or need_w:
+                        p.div_(s).scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - one_hot(target)
+                        zj.copy_(p)
+                if need_h:
+                    torch.matmul(z, weight, out=grad_h[i:i + x.shape[0]])
+                if need_w and grad_w_chunk is None:
+                    grad_w.addmm_(z.t(), x)
+                elif need_w:  # accumulate in fp32 over chunks, as autocast's fp32 master gradient would
+                    grad_w.add_(torch.matmul(z.t(), x, out=grad_w_chunk))
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None)

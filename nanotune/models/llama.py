@@ -1,0 +1,235 @@
+"""The Llama family: Llama 1-3, Mistral, Qwen2 and Qwen3, one architecture with a few switches.
+
+Each config.json model_type keeps its own Hugging Face checkpoint layout (`model.layers.N.self_attn.q_proj`,
+...), so a checkpoint loads with no conversion, PEFT adapters fit as they are, and what we save loads in
+transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM. Shapes: B batch,
+T time, C hidden size, nh query heads, nkv key/value heads, hs head size (not always C / nh), V vocabulary.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanotune import UserError
+from nanotune.models.base import CausalLM, RMSNorm, inv_frequencies, positive_ints, rotate_half
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+# The rotary scalings we implement, and the parameters each needs besides rope_theta.
+ROPE_TYPES = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+@dataclass
+class Config:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    # Grouped-query attention (Ainslie et al. 2023): query heads share key/value heads in groups of
+    # nh / nkv, which shrinks the k/v projections (and a KV cache) by that factor. With 4 query heads:
+    #   MHA (nkv = nh = 4)   GQA (nkv = 2)        MQA (nkv = 1)
+    #   v   v   v   v          v       v                v
+    #   k   k   k   k          k       k                k
+    #   |   |   |   |         / \     / \          /---/ \---\
+    #   q   q   q   q        q   q   q   q        q   q   q   q
+    num_key_value_heads: int = None  # None: nkv = nh (MHA)
+    head_dim: int = None  # None: C / nh
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # {"rope_type": "linear" or "llama3", ...ROPE_TYPES' parameters}; None: default
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False  # Llama 3.2 1B/3B, small Qwens
+    attention_bias: bool = False  # a bias on q, k, v and o (llama, qwen3); qwen2 always biases q, k, v only
+    mlp_bias: bool = False  # llama only
+    sliding_window: int = None  # mistral only: a query sees the last sliding_window keys, itself included
+    bos_token_id: int = None
+    eos_token_id: int = None  # an int, or a list (Llama 3.1 ends on any of three)
+    pad_token_id: int = None
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str) -> "Config":
+        """Read a transformers config.json dict, as the model_type's own transformers class would."""
+        model_type = hf["model_type"]
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported, only 'silu'")
+        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            raise UserError(f"{where}: use_sliding_window is true, which nanotune does not implement for "
+                            f"{model_type}; set it to false, as Qwen's released checkpoints have it")
+        positive_ints(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads"), where)
+        optional = ("num_key_value_heads", "head_dim") + (("sliding_window",) if model_type == "mistral" else ())
+        positive_ints(hf, [key for key in optional if hf.get(key) is not None], where)
+        known = {k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                                    "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
+                                    "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+        # The switches only some types read; transformers ignores them in the others, and so do we.
+        if model_type in ("llama", "qwen3"):
+            known["attention_bias"] = hf.get("attention_bias", False)
+        if model_type == "llama":
+            known["mlp_bias"] = hf.get("mlp_bias", False)
+        if model_type == "mistral":
+            known["sliding_window"] = hf.get("sliding_window", 4096)  # MistralConfig's default when absent
+        if model_type == "qwen3":
+            known.setdefault("head_dim", 128)  # Qwen3Config's default, not C / nh
+        if "head_dim" not in known and hf["hidden_size"] % hf["num_attention_heads"]:
+            raise UserError(f"{where}: hidden_size {hf['hidden_size']} is not divisible by num_attention_heads "
+                            f"{hf['num_attention_heads']}, and no head_dim is given")
+        if hf["num_attention_heads"] % known.get("num_key_value_heads", hf["num_attention_heads"]):
+            raise UserError(f"{where}: num_attention_heads {hf['num_attention_heads']} is not a multiple of "
+                            f"num_key_value_heads {hf['num_key_value_heads']}")
+        # Rotary settings: rope_scaling (transformers 4) wins over rope_parameters (5), as in transformers 5.
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise UserError(f"{where}: rope type {rope_type!r} is not supported, only "
+                            f"{', '.join(map(repr, ROPE_TYPES))}")
+        for key in ROPE_TYPES[rope_type]:
+            if not isinstance(rope.get(key), (int, float)) or rope[key] <= 0:
+                raise UserError(f"{where}: {rope_type} rope scaling needs a positive number {key}, got "
+                                f"{rope.get(key)!r}")
+        known["rope_theta"] = rope.get("rope_theta") or hf.get("rope_theta") or cls.rope_theta
+        if rope_type != "default":
+            known["rope_scaling"] = {"rope_type": rope_type, **{k: rope[k] for k in ROPE_TYPES[rope_type]}}
+        config = cls(model_type=model_type, **known)
+        if config.head_dim % 2:
+            raise UserError(f"{where}: head_dim {config.head_dim} must be even, since rotary embeddings rotate pairs")
+        return config
+
+    def to_hf(self) -> dict:
+        """The config.json transformers expects, with both rotary spellings so versions 4 and 5 read it."""
+        rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        return {"architectures": [ARCHITECTURES[self.model_type]], "hidden_act": "silu", **asdict(self),
+                "rope_parameters": rope_parameters}
+
+
+def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's long-context rotary (Meta's reference, apply_scaling): pairs whose wavelength is
+    longer than the original context / low_freq_factor turn factor times slower, pairs shorter than
+    context / high_freq_factor are kept, and the band between blends the two smoothly."""
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelength < original_max_position_embeddings / high_freq_factor, inv_freq,
+                       torch.where(wavelength > original_max_position_embeddings / low_freq_factor,
+                                   inv_freq / factor, blended))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        qkv_bias = config.attention_bias or config.model_type == "qwen2"
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:  # Qwen3 normalises each head's query and key, which steadies the attention logits
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, rope):
+        B, T, _ = x.shape
+        cos, sin = rope  # each (T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:  # over each head's hs, before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs) x2
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.sliding_window is None or T <= self.sliding_window:
+            # Causal only. enable_gqa lets query head i read k/v head i // (nh / nkv) without copying k, v.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            # Mistral's sliding window: a key at distance >= window from its query is masked, as in
+            # transformers. With a mask, CUDA runs GQA only in the slow math kernel, so copy k, v per query head.
+            i = torch.arange(T, device=x.device)
+            distance = i[:, None] - i[None, :]  # (T, T): query position minus key position
+            mask = (distance >= 0) & (distance < self.sliding_window)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, T, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Shazeer 2020)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope):
+        x = x + self.self_attn(self.input_layernorm(x), rope)  # pre-norm residual blocks
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    """The `model.` part of the checkpoint: embeddings, blocks, final norm."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(CausalLM):
+    config_class = Config
+    blocks_path, head_path, embed_path = "model.layers", "lm_head", "model.embed_tokens"
+    lora_targets = ("q_proj", "v_proj")
+    ignored_keys = ("rotary_emb.inv_freq",)  # older transformers saved the frequencies with the weights
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.model = Trunk(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def final_norm(self, x):
+        return self.model.norm(x)
+
+    def rotary(self, positions, dtype):
+        """cos, sin of shape (T, hs), computed in fp32 like transformers, then cast."""
+        inv_freq = inv_frequencies(self.config.head_dim, self.config.rope_theta, positions.device)  # (hs/2,)
+        scaling = dict(self.config.rope_scaling or {"rope_type": "default"})
+        rope_type = scaling.pop("rope_type")
+        if rope_type == "linear":  # positions divided by factor (Chen et al. 2023, position interpolation)
+            inv_freq = inv_freq / scaling["factor"]
+        elif rope_type == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, **scaling)
+        freqs = torch.outer(positions.float(), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): pair (i, i + hs/2) shares an angle
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+MODEL_TYPES = {model_type: Llama for model_type in ARCHITECTURES}

@@ -1,0 +1,134 @@
+"""DeepSpeed ZeRO (--strategy deepspeed): the engine, its config from nanotune's flags, and its state.
+
+ZeRO partitions optimizer state (stage 1), gradients (2) and parameters (3) over ranks. nanotune
+keeps its own AdamW, LR schedule, autocast and loss normalisation; DeepSpeed only partitions.
+deepspeed is an optional extra, imported only on this path.
+"""
+import json
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from nanotune import UserError
+
+FLAG_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+             "gradient_clipping")
+
+
+def deepspeed_config(micro_batch, grad_accum, world_size, max_grad_norm, stage, offload, file=None,
+                     autocast_dtype=None):
+    """DeepSpeed's config built from the same flags as every other strategy, with a user's
+    --deepspeed-config FILE merged over it. The file may repeat what the flags decide, never change it.
+    autocast_dtype: the mixed precision's compute dtype (bf16), None for 32 and bf16-true."""
+    config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
+              "train_batch_size": micro_batch * grad_accum * world_size, "gradient_clipping": max_grad_norm,
+              # Precision stays nanotune's (fp32 weights + autocast); DeepSpeed's bf16 is another recipe.
+              "bf16": {"enabled": False}, "fp16": {"enabled": False},
+              # The engine's forward switches off a CUDA autocast opened outside it unless its own
+              # torch_autocast is on. No "lower precision safe" modules: gradients are reduced in fp32.
+              "torch_autocast": {"enabled": True, "dtype": str(autocast_dtype).removeprefix("torch."),
+                                 "lower_precision_safe_modules": []} if autocast_dtype else {"enabled": False},
+              "zero_optimization": {"stage": 0},
+              "zero_allow_untested_optimizer": True,  # our torch AdamW, not DeepSpeed's compiled ones
+              "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2 ** 31 - 1}
+    if file:
+        try:
+            with open(file) as f:
+                user = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--deepspeed-config {file} cannot be read as JSON ({e})") from None
+        for key in FLAG_KEYS:
+            if key in user and user[key] != config[key]:
+                raise UserError(f"--deepspeed-config {file}: {key} is {user[key]!r} but the flags give "
+                                f"{config[key]!r}; set it with the flag, or drop it from the file")
+        for key in ("bf16", "fp16", "torch_autocast", "optimizer", "scheduler"):
+            if key in user and (key == "torch_autocast" or (user[key] or {}).get("enabled", True)):
+                raise UserError(f"--deepspeed-config {file}: {key!r} is nanotune's to choose (--precision, AdamW, "
+                                "--lr with warm-up and cosine); drop it from the file")
+        file_stage = user.get("zero_optimization", {}).get("stage")
+        if stage is not None and file_stage is not None and file_stage != stage:
+            raise UserError(f"--zero-stage {stage} contradicts zero_optimization.stage {file_stage} in {file}")
+        config = deep_merge(config, user)
+    zero = config["zero_optimization"]
+    zero["stage"] = stage if stage is not None else zero["stage"]
+    if offload:
+        if zero["stage"] == 0:
+            raise UserError("--zero-offload keeps ZeRO's optimizer partitions in CPU memory; it needs "
+                            "--zero-stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return config
+
+
+def deep_merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def wrap_deepspeed(model, optimizer, world, config):
+    """The DeepSpeed engine around `model`, on the process group compute_init made. The engine's
+    forward is the model's; engine.backward / engine.step replace loss.backward / optimizer.step."""
+    os.environ.setdefault("DS_ACCELERATOR", world.device.type)  # else a CPU run on a GPU box picks CUDA
+    warnings.filterwarnings(  # DeepSpeed still calls the old collective names
+        "ignore", category=FutureWarning,
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("--strategy deepspeed needs DeepSpeed: pip install nanotune[deepspeed]") from None
+    # Its first process-group setup would JIT-compile a shared-memory all-reduce (minutes on a small
+    # CPU) that only inference uses; mark the op unavailable instead.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    return engine
+
+
+def ds_full_state_dict(engine, names=None) -> dict:
+    """The model's state (only `names`, if given) complete on rank 0's CPU, {} elsewhere. A ZeRO-3
+    parameter holds an empty placeholder until gathered: saving it as is writes size-0 tensors."""
+    import deepspeed
+    out = {}
+    for key, t in engine.module.state_dict(keep_vars=True).items():
+        if names is not None and key not in names:
+            continue
+        if hasattr(t, "ds_id"):  # partitioned by ZeRO-3; every rank takes part in the gather
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                if dist.get_rank() == 0:
+                    out[key] = t.detach().cpu().clone()
+        elif dist.get_rank() == 0:
+            out[key] = t.detach().cpu().clone()
+    return out
+
+
+def ds_master_params(engine, optimizer):
+    """The fp32 tensors our AdamW updates on this rank: ZeRO-3's flat partitions, ZeRO-1/2's one flat
+    partition per group, or (stage 0) the parameters themselves."""
+    zero = engine.optimizer
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        return list(zero.fp32_partitioned_groups_flat)
+    if hasattr(zero, "single_partition_of_fp32_groups"):
+        return list(zero.single_partition_of_fp32_groups)
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def ds_optimizer_state(engine, optimizer) -> dict:
+    """This rank's ZeRO partition as flat tensors: fp32 masters, AdamW moments and step."""
+    tensors = {}
+    for i, p in enumerate(ds_master_params(engine, optimizer)):
+        tensors[f"master.{i}"] = p.detach().cpu().contiguous()
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{i}.{key}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+def ds_load_optimizer_state(engine, optimizer, tensors):
+    with torch.no_grad():
+        for i, p in enumerate(ds_master_params(engine, optimizer)):
+            p.copy_(tensors[f"master.{i}"])
+            state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+            if state:
+                optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}

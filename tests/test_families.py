@@ -1,0 +1,95 @@
+"""Every feature on every family: a tiny folder of each model_type fine-tuned end to end by train.py,
+as a user runs it. The architectures themselves are pinned to naive forwards and to transformers in
+test_model.py, test_llama.py and test_chatglm.py; here the whole pipeline meets each family's names."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_tokenizer, run_train
+from nanotune.lora import load_adapter
+from nanotune.models import from_pretrained
+from nanotune.quantize import quantize
+from test_chatglm import glm_config, make_folder as make_glm_folder, thudm_config, tokenizer_folder
+from test_llama import LLAMA3, config_json, make_folder as make_llama_folder
+
+# config.json of each family's tiny folder (vocabulary 320 holds the test tokenizer's 300 tokens; its
+# <|endoftext|> is id 0, the EOS), and the names its adapter must use.
+FAMILIES = {
+    "llama": config_json("llama", vocab_size=320, eos_token_id=0, num_key_value_heads=2, rope_scaling=LLAMA3),
+    "mistral": config_json("mistral", vocab_size=320, eos_token_id=0, num_key_value_heads=2, sliding_window=8),
+    "qwen2": config_json("qwen2", vocab_size=320, eos_token_id=0, num_key_value_heads=2),
+    "qwen3": config_json("qwen3", vocab_size=320, eos_token_id=0, num_key_value_heads=2, head_dim=16),
+    "chatglm": thudm_config(padded_vocab_size=120),  # with ChatGLM3's SentencePiece tokenizer.model
+    "glm": glm_config(vocab_size=320, eos_token_id=[0]),
+}
+TARGETS = {"llama": ("model.layers", ("q_proj", "v_proj"), "lm_head"),
+           "chatglm": ("transformer.encoder.layers", ("query_key_value",), "transformer.output_layer")}
+for name in ("mistral", "qwen2", "qwen3", "glm"):
+    TARGETS[name] = TARGETS["llama"]
+
+
+def family_folder(path, family):
+    hf = FAMILIES[family]
+    if family == "chatglm":
+        tokenizer_folder(path, vocab_size=120)
+        make_glm_folder(path, hf)
+    else:
+        (make_glm_folder if family == "glm" else make_llama_folder)(path, hf)
+        make_tokenizer().save(os.path.join(path, "tokenizer.json"))
+    return str(path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_with_the_family_defaults_trains_merges_and_resumes_bitwise(family, tiny_data, tmp_path):
+    """PEFT's default targets for the family, its head trained in full (--modules-to-save), gradient
+    checkpointing and checkpoints; the adapter carries the family's own names, the merged folder
+    computes what the adapted model does, and (for Llama's and ChatGLM's module trees) a resume from
+    step 2 ends bitwise where the run did."""
+    model = family_folder(tmp_path / "model", family)
+    blocks, targets, head = TARGETS[family]
+    flags = ["--model", model, "--data", tiny_data, "--max-steps", 4, "--batch-size", 4, "--lora-dropout", 0,
+             "--modules-to-save", head, "--grad-checkpoint", "--save-every", 2, "--keep", 0, "--eval-exact-match", 2]
+    run_train(*flags, "--out", tmp_path / "out", "--merge")
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    expected = {f"base_model.model.{blocks}.{i}.{t}.lora_{ab}.weight" for i in (0, 1) for t in targets for ab in "AB"}
+    lora = {k for k in adapter if ".lora_" in k}
+    assert {k.replace(".self_attn.", ".").replace(".self_attention.", ".") for k in lora} == expected
+    assert f"base_model.model.{head}.weight" in adapter
+    config = json.load(open(tmp_path / "out" / "adapter" / "adapter_config.json"))
+    assert config["target_modules"] == list(targets)
+
+    adapted = load_adapter(from_pretrained(model), tmp_path / "out" / "adapter").eval()
+    merged = from_pretrained(str(tmp_path / "out" / "merged")).eval()
+    assert type(merged) is type(adapted)
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-4, rtol=1e-4)
+
+    if family not in ("llama", "chatglm"):  # resuming is family-agnostic: one run per module tree suffices
+        return
+    run_train(*flags, "--out", tmp_path / "resumed", "--resume", tmp_path / "out" / "checkpoints" / "step-2")
+    resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == adapter.keys() and all(torch.equal(resumed[k], adapter[k]) for k in adapter)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_keeps_the_family_head_in_full_precision(family, bits, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = quantize(from_pretrained(family_folder(tmp_path, family)), bits)
+    plain = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert plain == [model.head_path]  # every other Linear holds quantized weights
+
+
+@pytest.mark.parametrize("family,quantization", [("llama", "--load-in-4bit"), ("chatglm", "--load-in-8bit")])
+def test_lora_on_a_quantized_base_trains(family, quantization, tiny_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = family_folder(tmp_path / "model", family)
+    proc = run_train("--model", model, "--data", tiny_data, "--out", tmp_path / "out", "--max-steps", 2,
+                     "--batch-size", 4, "--precision", "bf16", "--lora-target", "all-linear", quantization,
+                     "--eval-exact-match", 0)
+    assert "step 2/2" in proc.stdout
+    load_adapter(from_pretrained(model), tmp_path / "out" / "adapter")
