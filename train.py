@@ -21,7 +21,7 @@ import torch
 from nanotune import UserError
 from nanotune.checkpoint import atomic_dir, damaged, find_checkpoint, read_trainer, restore, restore_weights, save
 from nanotune.checks import check_adapter_flags, check_args, check_combination, check_resume
-from nanotune.data import Batches, collate, load_examples, split
+from nanotune.data import Batches, collate, load_examples, show, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
                                   full_state_dict, grad_sync, load_device, print0, wrap_ddp, wrap_fsdp)
 from nanotune.generate import generate
@@ -30,6 +30,7 @@ from nanotune.merge import merge_adapter
 from nanotune.models import from_pretrained, save_pretrained
 from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
 from nanotune.quantize import quant_bits, quantize
+from nanotune.templates import NAMES as TEMPLATES, export, load_template
 from nanotune.tokenizer import load_tokenizer
 from nanotune.zero import deepspeed_config, wrap_deepspeed
 
@@ -55,7 +56,10 @@ def parse_args(argv=None):
     a("--val-data", help="held-out rows for evaluation (None: hold out --val-fraction of --data)")
     a("--val-fraction", type=float, default=0.05, help="share of --data held out when --val-data is not given")
     a("--max-seq-len", type=int, default=256, help="rows are cut to this many tokens")
+    a("--template", default="auto", choices=TEMPLATES, help="chat template: auto = the model folder's own "
+      "(alpaca for a folder without one); built-ins for base models: " + ", ".join(TEMPLATES[1:]))
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens, not only responses")
+    a("--mask-history", action="store_true", help="train only on the last assistant turn of each conversation")
     a = p.add_argument_group("LoRA").add_argument
     a("--lora", action=argparse.BooleanOptionalAction, default=True, help="LoRA; --no-lora fine-tunes every weight")
     a("--lora-r", type=int, default=8, help="rank r of the update B A")
@@ -125,7 +129,7 @@ def main(args):
         compute_cleanup()
     if args.merge and world.is_main:  # after the group is gone, so no rank waits (and times out) while rank 0 merges
         merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
-                      args.num_layers, quant_bits(args), args.double_quant)
+                      args.num_layers, quant_bits(args), args.double_quant, args.template)
         print(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)", flush=True)
 
 
@@ -140,6 +144,7 @@ def train(args, world):
     model = from_pretrained(args.model, num_layers=args.num_layers, device=load_device(world, bits))
     model.grad_checkpoint = args.grad_checkpoint
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
+    template = load_template(args.template, args.model, tokenizer)
     if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
         # A 4-bit base under FSDP needs its quantization state on every rank: rank 0 broadcasts each
         # base Linear's weight in turn and every rank quantizes it (the same codes from the same
@@ -161,7 +166,9 @@ def train(args, world):
            f"{world.size} process(es) on {world.device.type}")
 
     # Data: tokenized once, then read in a seeded order that is a pure function of the step.
-    train_rows, val = load_data(args, tokenizer)
+    train_rows, val = load_data(args, template)
+    print0(f"the first row as the model sees it, {'trained tokens in [[brackets]]'} (template {args.template}):\n"
+           + show(train_rows[0], tokenizer, color=False))
     batches = Batches(train_rows, args.batch_size, args.grad_accum, world.size, world.rank, args.seed,
                       tokenizer.pad_id)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
@@ -176,7 +183,7 @@ def train(args, world):
     metrics = Metrics(args.out, world.is_main, start_step if checkpoint else -1 if args.resume else None)
     scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
     if not checkpoint:
-        report_eval(wrapped, val, scored, 0, "before training", args, tokenizer, world, precision, metrics)
+        report_eval(wrapped, val, scored, 0, "before training", args, template, world, precision, metrics)
 
     clock, tokens_seen = time.time(), 0
     for step in range(start_step, total):
@@ -215,19 +222,23 @@ def train(args, world):
                         f"ETA {elapsed / (done - start_step) * (total - done):.0f}s",
                         step=done, loss=step_loss, lr=lr, tokens_per_s=tokens_seen / elapsed)
         if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
-            report_eval(wrapped, val, [], done, f"step {done}", args, tokenizer, world, precision, metrics)
+            report_eval(wrapped, val, [], done, f"step {done}", args, template, world, precision, metrics)
         if args.save_every and done % args.save_every == 0 and done < total:
             path = save(args.out, done, wrapped, world, named_trainable, optimizer, scaler, vars(args), args.keep)
             print0(f"step {done}: checkpoint {path}")
     if scored:
-        report_eval(wrapped, [], scored, total, "after training", args, tokenizer, world, precision, metrics)
+        report_eval(wrapped, [], scored, total, "after training", args, template, world, precision, metrics)
 
     # Outputs: gathered to rank 0 (FSDP, ZeRO-3), written to a temporary folder, renamed into place.
     state = full_state_dict(wrapped, world, trainable_only=bool(args.lora or args.adapter))
     if world.is_main:
         name = "adapter" if args.lora or args.adapter else "model"
         with atomic_dir(os.path.join(args.out, name)) as tmp:
-            (save_adapter if name == "adapter" else save_pretrained)(model, tmp, state)
+            if name == "adapter":
+                save_adapter(model, tmp, state)
+            else:  # a whole model: with the tokenizer files, and the chat template and stop ids training used
+                save_pretrained(model, tmp, state)
+                export(template, tmp)
         print0(f"saved {os.path.join(args.out, name)}")
     barrier()
 
@@ -267,7 +278,7 @@ def adapt(model, args, precision):
         load_adapter(model, args.adapter, dtype=DTYPES[args.lora_dtype])
         check_adapter_flags(args, parse_args([]), model.lora_config)
     elif args.lora:
-        inject_lora(model, args.lora_target or model.lora_targets, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
+        inject_lora(model, args.lora_target, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
                     args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)
     else:
         model.requires_grad_(True)
@@ -306,11 +317,13 @@ def wrap(model, args, world, precision, checkpoint):
     return model, optimizer, named_trainable
 
 
-def load_data(args, tokenizer):
+def load_data(args, template):
     """(training rows, held-out rows): --val-data, or a seeded --val-fraction of --data."""
-    examples = load_examples(args.data, tokenizer, args.max_seq_len, args.train_on_prompt, log=print0)
+    def load(path):
+        return load_examples(path, template, args.max_seq_len, args.train_on_prompt, args.mask_history, log=print0)
+    examples = load(args.data)
     if args.val_data:
-        return examples, load_examples(args.val_data, tokenizer, args.max_seq_len, args.train_on_prompt, log=print0)
+        return examples, load(args.val_data)
     train_rows, val = split(examples, args.val_fraction, args.seed)
     if args.val_fraction and not val:
         print0(f"note: --val-fraction {args.val_fraction} of {len(examples)} rows holds out none, so there is "
@@ -340,14 +353,14 @@ def optimizer_step(optimizer, scaler, params, max_grad_norm, step):
     optimizer.zero_grad(set_to_none=True)
 
 
-def report_eval(model, val, scored, step, when, args, tokenizer, world, precision, metrics):
+def report_eval(model, val, scored, step, when, args, template, world, precision, metrics):
     """Log the held-out loss (if `val`) and the exact-match score (if `scored`) at `step`."""
     if val:
-        val_loss = evaluate(model, val, args.batch_size, tokenizer.pad_id, world, precision)
+        val_loss = evaluate(model, val, args.batch_size, template.tokenizer.pad_id, world, precision)
         metrics.log(f"{when}: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
                     step=step, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
     if scored:
-        acc = exact_match(model, scored, tokenizer, world, precision)
+        acc = exact_match(model, scored, template, world, precision)
         metrics.log(f"{when}: exact match {acc:.1%} on {len(scored)} held-out rows", step=step, exact_match=acc)
 
 
@@ -372,15 +385,15 @@ def evaluate(model, examples, batch_size, pad_id, world, precision):
 
 
 @torch.no_grad()
-def exact_match(model, examples, tokenizer, world, precision):
-    """Share of rows whose greedy answer equals the reference response exactly. Every rank
-    generates for every row: a sharded model needs all ranks in each forward."""
+def exact_match(model, examples, template, world, precision):
+    """Share of rows whose greedy answer equals the reference response exactly (spaces around it aside).
+    Every rank generates for every row: a sharded model needs all ranks in each forward."""
     model.eval()
-    hits = 0
+    hits, tokenizer = 0, template.tokenizer
     for ex in examples:
         answer_len = len(tokenizer.encode(ex.reference))
         with precision.context(world.device):
-            new = generate(model, ex.prompt, max_new_tokens=answer_len + 4, eos=tokenizer.stop_ids)
+            new = generate(model, ex.prompt, max_new_tokens=answer_len + 4, eos=template.stop_ids)
         hits += tokenizer.decode(new).strip() == ex.reference.strip()
     model.train()
     return hits / max(len(examples), 1)

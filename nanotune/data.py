@@ -1,30 +1,29 @@
-"""Instruction data: read rows, render one prompt template, tokenize, mask, batch.
+"""Instruction data: read rows, render them with the model's chat template, mask, batch.
 
 Row formats (.json array or .jsonl, one object per line):
   Alpaca    {"instruction", "input", "output", optional "system"}
   ShareGPT  {"conversations": [{"from": "human"|"gpt"|..., "value": ...}, ...], optional "system"}
   plain     {"text"}
-Every chat row is rendered with one template, each turn as
-  "### Instruction:\n{user}\n\n### Response:\n{assistant}{EOS}"
-(an Alpaca input adds "\n\n### Input:\n{input}" to the instruction; a system text comes first,
-followed by a blank line), after the BOS the model's tokenizer puts before a text, if any. EOS is
-the model's own (nanotune.tokenizer). By default only response tokens (and their EOS) are trained on.
+A chat row becomes (system, [(role, text), ...]) and is rendered by a template (nanotune.templates:
+the model folder's own by default), which also says which tokens the loss sees: by default each
+answer and the token that ends it. A plain row is trained on every token.
+
+    python -m nanotune.data --model DIR --data FILE --show 3      # see exactly what the loss sees
 """
+import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from nanotune import UserError
 from nanotune.loss import IGNORE
+from nanotune.templates import NAMES, load_template
+from nanotune.tokenizer import load_tokenizer
 USER_ROLES = {"human": "user", "user": "user", "observation": "user"}
 ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant", "function_call": "assistant"}
-
-
-def prompt_text(user: str, system: str = None) -> str:
-    """The text before the first response; generation starts right after it."""
-    return (f"{system}\n\n" if system else "") + f"### Instruction:\n{user}\n\n### Response:\n"
 
 
 def alpaca_user(instruction: str, input_text: str = "") -> str:
@@ -117,37 +116,24 @@ class Example:
     reference: str  # the first response's text, for exact-match scoring
 
 
-def encode(tokenizer, system, dialogue, train_on_prompt=False) -> Example:
-    """Tokenize prompt and response pieces separately, so the loss mask falls exactly on their border."""
-    tokens, trained, prompt, reference = list(tokenizer.bos), [False] * len(tokenizer.bos), None, ""
-    pending_user = None
-    for role, text in dialogue:
-        if role == "text":
-            ids = tokenizer.encode(text) + [tokenizer.eos_id]
-            return Example(tokens + ids, trained + [True] * len(ids), [], text)
-        if role == "user":
-            pending_user = text if pending_user is None else pending_user + "\n\n" + text
-            continue
-        head = prompt_text(pending_user or "", system if prompt is None else None)
-        ids = tokenizer.encode(head)
-        if prompt is None:
-            prompt, reference = tokens + ids, text
-        tokens += ids
-        trained += [train_on_prompt] * len(ids)
-        ids = tokenizer.encode(text) + [tokenizer.eos_id]
-        tokens += ids
-        trained += [True] * len(ids)
-        pending_user = None
-    return Example(tokens, trained, prompt, reference)
+def encode(template, system, dialogue, train_on_prompt=False, mask_history=False, where="row") -> Example:
+    """A row's tokens, its loss mask, and (for exact-match scoring) its first prompt and answer."""
+    if dialogue[0][0] == "text":
+        tok, text = template.tokenizer, dialogue[0][1]
+        ids = tok.bos + tok.encode(text) + [tok.eos_id]
+        return Example(ids, [False] * len(tok.bos) + [True] * (len(ids) - len(tok.bos)), [], text)
+    tokens, trained = template.encode(system, dialogue, train_on_prompt, mask_history, where)
+    first = next(i for i, (role, _) in enumerate(dialogue) if role == "assistant")
+    return Example(tokens, trained, template.prompt(system, dialogue[:first], where), dialogue[first][1])
 
 
-def load_examples(path, tokenizer, max_seq_len, train_on_prompt=False, log=print):
+def load_examples(path, template, max_seq_len, train_on_prompt=False, mask_history=False, log=print):
     """Read and tokenize a file. Rows longer than max_seq_len (+1 for the shifted target) are cut;
     rows that are left with nothing to learn from are dropped; both are counted in the log."""
     examples, cut, dropped = [], 0, 0
     for where, row in read_rows(path):
         system, dialogue = turns(row, where)
-        ex = encode(tokenizer, system, dialogue, train_on_prompt)
+        ex = encode(template, system, dialogue, train_on_prompt, mask_history, where)
         if len(ex.tokens) > max_seq_len + 1:
             ex.tokens, ex.trained, cut = ex.tokens[:max_seq_len + 1], ex.trained[:max_seq_len + 1], cut + 1
         if not any(ex.trained[1:]):
@@ -213,3 +199,55 @@ def split(examples, val_fraction, seed):
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = int(len(examples) * val_fraction)
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def show(example, tokenizer, color: bool) -> str:
+    """A row as the model receives it, the tokens the loss sees marked: green on a terminal, else
+    [[in brackets]]; then the counts. Token 0 is never a target (nothing comes before it)."""
+    text, run, seen = "", [], None
+    for i, token in enumerate(example.tokens):
+        target = i > 0 and example.trained[i]
+        if target != seen and run:
+            text += mark(tokenizer.decode(run, keep_special=True), seen, color)
+            run = []
+        run.append(token)
+        seen = target
+    text += mark(tokenizer.decode(run, keep_special=True), seen, color)
+    n = sum(example.trained[1:])
+    return f"{text}\n({n} trained tokens, {len(example.tokens) - n} not trained)"
+
+
+def mark(text, trained, color):
+    if not trained:
+        return text
+    return f"\033[32m{text}\033[0m" if color else f"[[{text}]]"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Show rows exactly as train.py builds them: the template's tokens, "
+                                "with those the loss sees marked.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (its tokenizer and chat template)")
+    p.add_argument("--data", required=True, help="a .json or .jsonl file of rows")
+    p.add_argument("--template", default="auto", choices=NAMES, help="as train.py's --template")
+    p.add_argument("--max-seq-len", type=int, default=256, help="rows are cut to this many tokens, as in training")
+    p.add_argument("--train-on-prompt", action="store_true", help="as train.py's flag")
+    p.add_argument("--mask-history", action="store_true", help="as train.py's flag")
+    p.add_argument("--show", type=int, default=3, metavar="K", help="how many rows to show")
+    p.add_argument("--json", action="store_true", help='one JSON object per row: {"tokens": [...], "trained": [...]}')
+    args = p.parse_args(argv)
+    try:
+        tokenizer = load_tokenizer(args.model)
+        template = load_template(args.template, args.model, tokenizer)
+        rows = load_examples(args.data, template, args.max_seq_len, args.train_on_prompt, args.mask_history,
+                             log=lambda line: print(line, file=sys.stderr))
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    for ex in rows[:args.show]:
+        if args.json:
+            print(json.dumps({"tokens": ex.tokens, "trained": [i > 0 and t for i, t in enumerate(ex.trained)]}))
+        else:
+            print(show(ex, tokenizer, sys.stdout.isatty()) + "\n")
+
+
+if __name__ == "__main__":
+    main()

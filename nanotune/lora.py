@@ -5,8 +5,9 @@
 Module names match PEFT's, so an adapter saved here is a PEFT adapter and vice versa:
 `<path>.lora_A.weight` is (r, in), `<path>.lora_B.weight` is (out, r), zero-initialised so the
 adapted model starts exactly equal to the base. This file knows nothing of the model it adapts
-beyond two optional attributes: `head_path`, the output head that 'all-linear' leaves alone (as
-PEFT does), and `head_aliases`, other names PEFT may save that head under.
+beyond three optional attributes: `head_path`, the output head that 'all-linear' leaves alone (as
+PEFT does), `head_aliases`, other names PEFT may save that head under, and `lora_targets`, the
+Linears to adapt when none are named.
 """
 import json
 import math
@@ -86,12 +87,15 @@ def linear_names(model: nn.Module):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".lora_" not in n]
 
 
-def inject_lora(model: nn.Module, target_modules=("query_key_value",), r=8, alpha=32, dropout=0.1,
+def inject_lora(model: nn.Module, target_modules=None, r=8, alpha=32, dropout=0.1,
                 bias="none", modules_to_save=(), dtype=torch.float32, rslora=False, layers=None):
     """Replace every nn.Linear whose name equals a target, or ends with '.'+target, by a LoRALinear,
     then freeze everything but the LoRA weights, the chosen biases and `modules_to_save`.
-    target_modules="all-linear" adapts every Linear but the output head. layers restricts the
-    adapted Linears to those block indices (PEFT's layers_to_transform). Returns the model."""
+    target_modules="all-linear" adapts every Linear but the output head; None, the model's
+    `lora_targets` (PEFT's default for its family). layers restricts the adapted Linears to those
+    block indices (PEFT's layers_to_transform). Returns the model."""
+    if target_modules is None:
+        target_modules = model.lora_targets
     if isinstance(target_modules, str):
         target_modules = [target_modules]
     if r <= 0:

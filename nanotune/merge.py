@@ -1,7 +1,8 @@
 """Fold a LoRA adapter into its base: python -m nanotune.merge --model DIR --adapter DIR --out DIR
 
-The result is a plain HF-layout GPT-NeoX folder (config.json, model.safetensors, tokenizer.json)
-whose logits equal the adapted model's, loadable by transformers with no peft installed. An adapter
+The result is a plain HF-layout folder of the base's family (config.json, model.safetensors, the
+tokenizer files, a generation_config.json that stops where the chat template's turns end) whose
+logits equal the adapted model's, loadable by transformers with no peft installed. An adapter
 trained on a quantized base takes the same --load-in-8bit / --load-in-4bit [--double-quant] flags it
 was trained with (a PEFT adapter does not record them), so it merges onto the rounding it learned on.
 """
@@ -14,13 +15,18 @@ from nanotune.checkpoint import atomic_dir, check_writable
 from nanotune.lora import load_adapter, unload
 from nanotune.models import from_pretrained, save_pretrained
 from nanotune.quantize import dequantize, quant_bits, quantize
+from nanotune.templates import NAMES as TEMPLATES, export, load_template
+from nanotune.tokenizer import load_tokenizer
 
 
-def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=None, double_quant=False):
+def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=None, double_quant=False,
+                  template="auto"):
     """quant_bits: the adapter was trained on an int8 (8) or NF4 (4) base (double_quant: with its block
     scales quantized too). The base is quantized the same way, deterministically, then dequantized,
-    so the merged weights are what the adapter trained against, rounding included (a warning says so)."""
+    so the merged weights are what the adapter trained against, rounding included (a warning says so).
+    template: the chat template the adapter was trained with, which the merged folder carries."""
     model = from_pretrained(model_dir, num_layers=num_layers)
+    chat = load_template(template, model_dir, load_tokenizer(model_dir, model.config.vocab_size))
     if quant_bits:
         model = quantize(model, quant_bits, double_quant=double_quant)
     model = load_adapter(model, adapter_dir)
@@ -28,6 +34,7 @@ def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=Non
         model = dequantize(model)
     with atomic_dir(out_dir) as tmp:
         save_pretrained(unload(model), tmp)
+        export(chat, tmp)
 
 
 def main(argv=None):
@@ -41,6 +48,8 @@ def main(argv=None):
                        "merge onto the same rounding")
     quant.add_argument("--load-in-4bit", action="store_true", help="the adapter was trained on an NF4 base")
     p.add_argument("--double-quant", action="store_true", help="with --load-in-4bit: trained with --double-quant")
+    p.add_argument("--template", default="auto", choices=TEMPLATES, help="the chat template the adapter was trained "
+                   "with: the merged folder renders and stops as it does")
     args = p.parse_args(argv)
     if args.double_quant and not args.load_in_4bit:
         p.error("--double-quant applies to --load-in-4bit only")
@@ -49,7 +58,8 @@ def main(argv=None):
                  "whatever is there, so choose a new --out")
     try:
         check_writable(os.path.dirname(os.path.abspath(args.out)))
-        merge_adapter(args.model, args.adapter, args.out, args.num_layers, quant_bits(args), args.double_quant)
+        merge_adapter(args.model, args.adapter, args.out, args.num_layers, quant_bits(args), args.double_quant,
+                      args.template)
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"merged {args.adapter} into {args.model}: {os.path.abspath(args.out)}")

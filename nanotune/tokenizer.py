@@ -16,7 +16,7 @@ with the same interface (the optional sentencepiece package, imported only then)
 import json
 import os
 
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import Tokenizer as HFTokenizer, pre_tokenizers
 
 from nanotune import UserError
 
@@ -36,11 +36,18 @@ class Tokenizer:
         """Token ids of `text` alone: no BOS or EOS added."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
-        return self.hf.decode(list(ids))
+    def decode(self, ids, keep_special=False) -> str:
+        """Text of `ids`; special tokens (<|eot_id|>, ...) are left out unless keep_special."""
+        return self.hf.decode(list(ids), skip_special_tokens=not keep_special)
 
     def token_to_id(self, token: str):
         return self.hf.token_to_id(token)
+
+
+def byte_level(file: str) -> bool:
+    """Does a tokenizer.json work on bytes (GPT-2 style), rather than SentencePiece-style pieces?"""
+    with open(file, encoding="utf-8") as f:
+        return '"ByteLevel"' in f.read()
 
 
 def read_json(path: str) -> dict:
@@ -82,6 +89,15 @@ def load_tokenizer(model_dir: str, vocab_size: int = None) -> Tokenizer:
     config = read_json(os.path.join(model_dir, "config.json"))
     generation = read_json(os.path.join(model_dir, "generation_config.json"))
     tokenizer_config = read_json(os.path.join(model_dir, "tokenizer_config.json"))
+    if tokenizer_config.get("tokenizer_class") in ("LlamaTokenizer", "LlamaTokenizerFast") and not byte_level(file):
+        # transformers (5) rebuilds a SentencePiece-style Llama tokenizer rather than take tokenizer.json's
+        # pipeline: no normalizer, and a Metaspace pre-tokenizer that (legacy false, its default) puts
+        # '▁' before the first piece of a text only, not after every special token as the older
+        # Prepend normalizer does (TinyLlama's folder has that one). Read it as transformers reads it.
+        legacy, prefix = tokenizer_config.get("legacy", False), tokenizer_config.get("add_prefix_space", True)
+        hf.normalizer = None
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", split=False, prepend_scheme="never" if prefix is False else "always" if legacy else "first")
     eos_name = token_name(tokenizer_config.get("eos_token"))
     eos = [hf.token_to_id(eos_name)] if eos_name and hf.token_to_id(eos_name) is not None else []
     eos += ids(config.get("eos_token_id")) + ids(generation.get("eos_token_id"))
@@ -122,14 +138,15 @@ class ChatGLMTokenizer:
         """Token ids of `text` alone: special-token names in it are plain text, as in THUDM's default."""
         return self.sp.encode(text)
 
-    def decode(self, ids) -> str:
-        """Special ids come out as their names; the runs between them go through SentencePiece. Ids past
+    def decode(self, ids, keep_special=False) -> str:
+        """Special ids come out as their names if keep_special, else not at all; the runs between them go
+        through SentencePiece, which leaves out its own control pieces (</s>) either way. Ids past
         the vocabulary (the embedding is padded to padded_vocab_size, 65024 in ChatGLM3) name no token:
         an untrained model may still generate them, and they decode to nothing, as in a fast tokenizer."""
         text, run = "", []
         for i in map(int, ids):
             if i in self.special_names:
-                text, run = text + self.sp.decode(run) + self.special_names[i], []
+                text, run = text + self.sp.decode(run) + (self.special_names[i] if keep_special else ""), []
             elif i < self.sp.get_piece_size():
                 run.append(i)
         return text + self.sp.decode(run)

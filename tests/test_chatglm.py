@@ -260,7 +260,8 @@ def test_chatglm_tokenizer_special_tokens_and_round_trip(tmp_path):
     assert tok.stop_ids == {2, tok.token_to_id("<|user|>"), tok.token_to_id("<|observation|>")}
     text = "the red cat sat on a mat then ran far away"
     assert tok.decode(tok.encode(text)) == text
-    assert tok.decode(tok.bos + tok.encode(text) + [tok.token_to_id("<|user|>")]) == f"[gMASK]sop{text}<|user|>"
+    ids = tok.bos + tok.encode(text) + [tok.token_to_id("<|user|>")]
+    assert tok.decode(ids, keep_special=True) == f"[gMASK]sop{text}<|user|>" and tok.decode(ids) == text
     assert n + 1 not in tok.encode("[gMASK] sop")  # special names in a text stay text
     assert tok.token_to_id("no-such-piece") is None
     assert tok.decode(tok.encode("the cat") + [n + 9, 119]) == "the cat"  # padding rows of the embedding: no text

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nanotune import UserError
-from nanotune.data import IGNORE, Batches, collate, encode, load_examples, prompt_text, turns
+from nanotune.data import IGNORE, Batches, collate, encode, load_examples, main as data_main, turns
+from nanotune.templates import alpaca_prompt as prompt_text, load_template
 from nanotune.tokenizer import load_tokenizer
 
 REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gpt-neox-20b",
@@ -14,8 +15,13 @@ REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return load_tokenizer(tiny_model_dir)
+def alpaca(tiny_model_dir):
+    return load_template("auto", tiny_model_dir, load_tokenizer(tiny_model_dir))  # no chat template: alpaca
+
+
+@pytest.fixture(scope="module")
+def tok(alpaca):
+    return alpaca.tokenizer
 
 
 def write(tmp_path, name, text):
@@ -24,9 +30,9 @@ def write(tmp_path, name, text):
     return str(path)
 
 
-def test_prompt_is_masked_and_response_is_trained(tok):
+def test_prompt_is_masked_and_response_is_trained(tok, alpaca):
     system, dialogue = turns({"instruction": "Reverse the words.", "input": "cat dog", "output": "dog cat"}, "x")
-    ex = encode(tok, system, dialogue)
+    ex = encode(alpaca, system, dialogue)
     prompt = "### Instruction:\nReverse the words.\n\n### Input:\ncat dog\n\n### Response:\n"
     n_prompt = len(tok.encode(prompt))
     assert ex.prompt == tok.encode(prompt)
@@ -36,23 +42,23 @@ def test_prompt_is_masked_and_response_is_trained(tok):
     assert torch.equal(input_ids[0], torch.tensor(ex.tokens[:-1]))
     assert torch.equal(labels[0, :n_prompt - 1], torch.full((n_prompt - 1,), IGNORE))
     assert torch.equal(labels[0, n_prompt - 1:], torch.tensor(ex.tokens[n_prompt:]))
-    everything = encode(tok, system, dialogue, train_on_prompt=True)
+    everything = encode(alpaca, system, dialogue, train_on_prompt=True)
     assert all(everything.trained)
 
 
-def test_sharegpt_trains_on_every_assistant_turn(tok):
+def test_sharegpt_trains_on_every_assistant_turn(tok, alpaca):
     row = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
                              {"from": "gpt", "value": "red"}, {"from": "human", "value": "more"},
                              {"from": "gpt", "value": "blue"}]}
-    ex = encode(tok, *turns(row, "x"))
+    ex = encode(alpaca, *turns(row, "x"))
     trained_text = tok.decode([t for t, keep in zip(ex.tokens, ex.trained) if keep and t != 0])
     assert trained_text == "redblue"
     assert tok.decode(ex.tokens).startswith("Be brief.\n\n" + prompt_text("hi"))
     assert sum(t == 0 for t in ex.tokens) == 2  # one EOS per assistant turn
 
 
-def test_plain_text_rows_train_on_everything(tok):
-    ex = encode(tok, *turns({"text": "red cat"}, "x"))
+def test_plain_text_rows_train_on_everything(tok, alpaca):
+    ex = encode(alpaca, *turns({"text": "red cat"}, "x"))
     assert all(ex.trained) and tok.decode(ex.tokens[:-1]) == "red cat"
 
 
@@ -66,16 +72,16 @@ def test_plain_text_rows_train_on_everything(tok):
     ("f.jsonl", '{"prompt": "x"}\n', r"f.jsonl line 1: a row needs 'instruction' and 'output'"),
     ("g.jsonl", '{"conversations": [{"from": "bot", "value": "x"}]}\n', r"conversations\[0\]: unknown role 'bot'"),
 ])
-def test_malformed_rows_name_file_line_and_field(tok, tmp_path, name, text, message):
+def test_malformed_rows_name_file_line_and_field(tok, alpaca, tmp_path, name, text, message):
     with pytest.raises(UserError, match=message):
-        load_examples(write(tmp_path, name, text), tok, 64, log=lambda s: None)
+        load_examples(write(tmp_path, name, text), alpaca, 64, log=lambda s: None)
 
 
-def test_text_that_is_not_utf8_is_one_sentence(tok, tmp_path):
+def test_text_that_is_not_utf8_is_one_sentence(tok, alpaca, tmp_path):
     path = tmp_path / "utf16.jsonl"
     path.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n", encoding="utf-16")
     with pytest.raises(UserError, match="utf16.jsonl is not UTF-8 text .*; save it as UTF-8"):
-        load_examples(str(path), tok, 64)
+        load_examples(str(path), alpaca, 64)
 
 
 def test_tokenizer_json_damaged_or_too_big_for_the_model(tiny_model_dir, tmp_path):
@@ -88,25 +94,25 @@ def test_tokenizer_json_damaged_or_too_big_for_the_model(tiny_model_dir, tmp_pat
         load_tokenizer(str(tmp_path))
 
 
-def test_missing_file_and_all_rows_too_long(tok, tmp_path):
+def test_missing_file_and_all_rows_too_long(tok, alpaca, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        load_examples(str(tmp_path / "nope.json"), tok, 64)
+        load_examples(str(tmp_path / "nope.json"), alpaca, 64)
     path = write(tmp_path, "long.jsonl", json.dumps({"instruction": "word " * 50, "output": "x"}) + "\n")
     with pytest.raises(UserError, match="every row is empty after cutting to --max-seq-len 8"):
-        load_examples(path, tok, 8, log=lambda s: None)
+        load_examples(path, alpaca, 8, log=lambda s: None)
 
 
-def test_long_rows_are_cut_and_counted(tok, tmp_path):
+def test_long_rows_are_cut_and_counted(tok, alpaca, tmp_path):
     rows = [{"instruction": "hi", "output": "red " * 40}, {"instruction": "hi", "output": "red"}]
     path = write(tmp_path, "rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     logged = []
-    examples = load_examples(path, tok, 20, log=logged.append)
+    examples = load_examples(path, alpaca, 20, log=logged.append)
     assert [len(ex.tokens) for ex in examples][0] == 21
     assert "1 cut to --max-seq-len 20" in logged[0]
 
 
-def test_batches_are_a_pure_function_of_the_step_and_ranks_are_disjoint(tok):
-    examples = [encode(tok, None, [("user", "hi"), ("assistant", f"{i}")]) for i in range(20)]
+def test_batches_are_a_pure_function_of_the_step_and_ranks_are_disjoint(tok, alpaca):
+    examples = [encode(alpaca, None, [("user", "hi"), ("assistant", f"{i}")]) for i in range(20)]
     one = Batches(examples, micro_batch=2, grad_accum=4, seed=3)
     assert one.steps_per_epoch == 2
     rows = [tuple(ex.tokens) for ex in one.global_rows(5)]
@@ -119,8 +125,8 @@ def test_batches_are_a_pure_function_of_the_step_and_ranks_are_disjoint(tok):
     assert shards[0][1] == shards[1][1] == one.step(5)[1]  # every rank knows the global token count
 
 
-def test_too_little_data_for_one_global_batch(tok):
-    examples = [encode(tok, None, [("user", "hi"), ("assistant", "x")])] * 3
+def test_too_little_data_for_one_global_batch(tok, alpaca):
+    examples = [encode(alpaca, None, [("user", "hi"), ("assistant", "x")])] * 3
     with pytest.raises(UserError, match="3 training rows cannot fill one global batch of 4"):
         Batches(examples, micro_batch=2, grad_accum=1, world_size=2)
 
@@ -132,5 +138,24 @@ def test_real_pythia_tokenizer_round_trip(tmp_path):
     real = load_tokenizer(str(tmp_path))
     assert real.encode("Hello world") == [12092, 1533] and real.bos == []
     assert (real.token_to_id("<|endoftext|>"), real.token_to_id("<|padding|>")) == (0, 1)
-    ex = encode(real, *turns({"instruction": "Say hi.", "output": "Hi there!"}, "x"))
+    ex = encode(load_template("alpaca", str(tmp_path), real), *turns({"instruction": "Say hi.", "output": "Hi there!"},
+                                                                    "x"))
     assert real.decode(ex.tokens[:-1]) == prompt_text("Say hi.") + "Hi there!" and ex.tokens[-1] == 0
+
+
+def test_show_prints_rows_as_train_py_builds_them(tiny_model_dir, alpaca, tmp_path, capsys):
+    """python -m nanotune.data --show: brackets around what the loss sees; --json: ids and one flag per
+    token, the very rows load_examples builds (cut to --max-seq-len), token 0 never a target."""
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"},
+                               {"from": "human", "value": "more"}, {"from": "gpt", "value": "blue"}]}]
+    path = write(tmp_path, "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    data_main(["--model", tiny_model_dir, "--data", path, "--show", "1"])
+    out = capsys.readouterr().out
+    n = len(alpaca.tokenizer.encode("red")) + len(alpaca.tokenizer.encode("blue")) + 2  # each with its EOS
+    assert "[[red<|endoftext|>]]" in out and "[[blue<|endoftext|>]]" in out and f"({n} trained tokens" in out
+    data_main(["--model", tiny_model_dir, "--data", path, "--show", "1", "--json", "--mask-history",
+               "--max-seq-len", "40"])
+    row = json.loads(capsys.readouterr().out)
+    (ex,) = load_examples(path, alpaca, 40, mask_history=True, log=lambda s: None)
+    assert row == {"tokens": ex.tokens, "trained": [False] + ex.trained[1:]} and len(ex.tokens) <= 41
+    assert alpaca.tokenizer.decode([t for t, k in zip(row["tokens"], row["trained"]) if k]) == "blue"

@@ -3,12 +3,14 @@ as a user runs it. The architectures themselves are pinned to naive forwards and
 test_model.py, test_llama.py and test_chatglm.py; here the whole pipeline meets each family's names."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tokenizer, run_train
+from conftest import CPU_ONLY, ROOT, make_tokenizer, run_train
 from nanotune.lora import load_adapter
 from nanotune.models import from_pretrained
 from nanotune.quantize import quantize
@@ -93,3 +95,36 @@ def test_lora_on_a_quantized_base_trains(family, quantization, tiny_data, tmp_pa
                      "--eval-exact-match", 0)
     assert "step 2/2" in proc.stdout
     load_adapter(from_pretrained(model), tmp_path / "out" / "adapter")
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_an_instruct_fine_tune_stops_at_the_end_of_its_turn(tiny_data, tmp_path):
+    """A Qwen-style instruct folder (its own ChatML template, EOS <|im_end|>): after a LoRA fine-tune on
+    conversations, greedy generation answers and stops at <|im_end|> (exact match needs both), and the
+    merged folder carries the template and stops there too."""
+    model = tmp_path / "model"
+    make_llama_folder(model, FAMILIES["qwen2"])
+    tok = make_tokenizer()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # ids 300, 301
+    tok.save(str(model / "tokenizer.json"))
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    rows = [{"conversations": [{"from": "human", "value": f"Say ok to {w}."}, {"from": "gpt", "value": "ok"}]}
+            for w in "red green blue cat dog sun moon tree fish bird one two three".split()] * 5
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    proc = run_train("--model", model, "--data", data, "--out", out, "--max-steps", 40, "--batch-size", 8,
+                     "--lr", 1e-2, "--warmup-steps", 0, "--lora-target", "all-linear", "--val-fraction", 0.1,
+                     "--eval-exact-match", 4, "--merge")
+    assert "<|im_start|>assistant\n[[ok<|im_end|>]]" in proc.stdout  # the first row, as the loss sees it
+    scores = [json.loads(line)["exact_match"] for line in open(out / "metrics.jsonl") if "exact_match" in line]
+    assert scores[-1] == 1.0, proc.stdout
+    generation = json.load(open(out / "merged" / "generation_config.json"))
+    assert generation["eos_token_id"] == [0, 301]
+    assert json.load(open(out / "merged" / "tokenizer_config.json"))["chat_template"] == CHATML
+    chat = subprocess.run([sys.executable, "-m", "nanotune.generate", "--model", str(out / "merged"), "--chat"],
+                          input="Say ok to fish.\n", capture_output=True, text=True, cwd=ROOT, env=CPU_ONLY)
+    assert chat.returncode == 0 and chat.stdout.splitlines()[0] == "> ok", chat.stdout + chat.stderr

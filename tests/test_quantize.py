@@ -8,7 +8,7 @@ import torch.nn as nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from conftest import tiny_config  # noqa: E402
+from conftest import make_tokenizer, tiny_config  # noqa: E402
 from nanotune import UserError  # noqa: E402
 from nanotune.lora import LoRALinear, inject_lora, load_adapter, save_adapter, unload  # noqa: E402
 from nanotune.merge import main as merge_main  # noqa: E402
@@ -193,6 +193,7 @@ def test_merge_cli_rebuilds_the_double_quantized_base(tmp_path):
     """python -m nanotune.merge --load-in-4bit --double-quant (merge_adapter, as train.py --merge calls it)
     merges onto the rounding the adapter trained on."""
     save_pretrained(tiny_model(), str(tmp_path / "base"))
+    make_tokenizer().save(str(tmp_path / "base" / "tokenizer.json"))  # the merged folder carries it
     model = lora_model(4, double_quant=True)
     _, ids = train(model, 4)
     save_adapter(model, str(tmp_path / "adapter"))
