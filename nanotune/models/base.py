@@ -8,11 +8,15 @@ The rest of the library never names a family's modules. It reads them from the m
                       quantization and 'all-linear' LoRA leave alone, as PEFT and QLoRA do
   model.head_aliases  other names the head has in transformers or PEFT ({'lm_head': 'embed_out'})
   model.lora_targets  the Linears LoRA adapts by default: PEFT's default for the family
-A family provides embed(input_ids), rotary(positions, dtype) (whatever its blocks take besides x)
-and final_norm(x); blocks are called as block(x, rope).
+A family provides embed(input_ids), rotary(positions, dtype) -> (cos, sin) and final_norm(x); blocks
+are called as block(x, ctx), and each attention layer hands its rotated q, k, v to ctx.attend (below),
+which knows what the family need not: which keys each query may see, and the generation cache.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanotune import UserError
@@ -45,19 +49,23 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.head.weight = self.get_submodule(self.embed_path).weight
 
-    def hidden_states(self, input_ids):
+    def hidden_states(self, input_ids, positions=None, documents=None, cache=None):
         """(B, T) token ids -> (B, T, C) final-norm hidden states. Right padding needs no mask: causal
-        attention never lets a real token see the pads that follow it."""
+        attention never lets a real token see the pads that follow it. positions (B, T): each token's
+        position (None: 0..T-1); documents and cache: see Context."""
         x = self.embed(input_ids)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        rope = self.rotary(torch.arange(input_ids.shape[1], device=input_ids.device), dtype)
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
+        cos, sin = self.rotary(positions, dtype)  # (B or 1, T, r) each
+        ctx = Context(cos[:, None], sin[:, None], documents, cache)  # (B or 1, 1, T, r): broadcast over heads
         for block in self.blocks:
             if self.grad_checkpoint and torch.is_grad_enabled():
                 # Keep only the block's input for the backward, which runs the block's forward again
                 # to rebuild its activations: memory for one block instead of all, at ~1/3 more compute.
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, ctx)
         return self.final_norm(x)
 
     def forward(self, input_ids, labels=None):
@@ -66,6 +74,45 @@ class CausalLM(nn.Module):
         if labels is not None:
             return summed_cross_entropy(self.hidden_states(input_ids), labels, self.head)
         return self.head(self.hidden_states(input_ids))
+
+
+@dataclass
+class Context:
+    """What every attention layer of one forward shares: the rotary tables of its tokens' positions,
+    and how to attend.
+
+    cos, sin   (B or 1, 1, T, r): a head's q and k (B, nh, T, hs) rotate by them (the family knows how)
+    documents  (B, T) ids or None: packed rows, a query sees only keys of its own document
+    cache      {attention module: (k, v)} or None: generation, k and v of the positions before these"""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    documents: torch.Tensor = None
+    cache: dict = None
+
+    def attend(self, module, q, k, v, window=None):
+        """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs). With a
+        cache, module's earlier k, v come first and these are appended. window: a key at distance >=
+        window from its query is not seen (Mistral's sliding window)."""
+        if self.cache is not None:
+            if module in self.cache:
+                k, v = (torch.cat((old, new), dim=2) for old, new in zip(self.cache[module], (k, v)))
+            self.cache[module] = (k, v)
+        Tq, Tk = q.shape[2], k.shape[2]
+        gqa = k.shape[1] != q.shape[1]
+        if self.documents is None and (window is None or Tk <= window):
+            if Tq == Tk:  # the training case: plain causal attention, GQA without copying k, v
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            if Tq == 1:  # one new token sees every cached key
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]  # the queries' positions among the keys
+        j = torch.arange(Tk, device=q.device)[None, :]
+        mask = (j <= i) & ((i - j < window) if window is not None else True)  # (Tq, Tk)
+        if self.documents is not None:  # (B, 1, T, T): and within the same packed row
+            mask = mask & (self.documents[:, None, :, None] == self.documents[:, None, None, :])
+        if gqa:  # with a mask, CUDA runs GQA only in its slow math kernel: copy k, v per query head
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class RMSNorm(nn.Module):

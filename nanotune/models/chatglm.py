@@ -150,7 +150,7 @@ def swiglu(x):
     return F.silu(gate) * up
 
 
-def attention(q, k, v, rope, config: Config):
+def attention(module, q, k, v, ctx, config: Config):
     """Causal grouped-query attention. q (B, T, nh*d); k, v (B, T, ng*d) -> (B, T, nh*d).
     Query heads share key/value heads in consecutive runs (GLM-4-9B: nh = 32, ng = 2):
         q0 ... q15 | q16 ... q31
@@ -161,13 +161,13 @@ def attention(q, k, v, rope, config: Config):
     q = q.view(B, T, nh, d).transpose(1, 2)  # (B, nh, T, d)
     k = k.view(B, T, ng, d).transpose(1, 2)  # (B, ng, T, d)
     v = v.view(B, T, ng, d).transpose(1, 2)
-    cos, sin = rope  # each (T, r): only the first r = d/2 dimensions of a head rotate, the rest pass
+    cos, sin = ctx.cos, ctx.sin  # each (B or 1, 1, T, r): only the first r = d/2 dimensions rotate
     r = cos.shape[-1]
     q = torch.cat((q[..., :r] * cos + rotate_pairs(q[..., :r]) * sin, q[..., r:]), dim=-1)
     k = torch.cat((k[..., :r] * cos + rotate_pairs(k[..., :r]) * sin, k[..., r:]), dim=-1)
     # THUDM's query-key layer scaling divides the scores by the layer number and multiplies them back
     # in fp32: the plain 1/sqrt(d) here, up to rounding.
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5, enable_gqa=ng != nh)
+    y = ctx.attend(module, q, k, v)  # (B, nh, T, d)
     return y.transpose(1, 2).reshape(B, T, nh * d)
 
 
@@ -182,7 +182,7 @@ class SelfAttention(nn.Module):
                                          bias=config.attention_bias or config.add_bias_linear)
         self.dense = nn.Linear(nh * d, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, x, rope):
+    def forward(self, x, ctx):
         B, T, _ = x.shape
         nh, ng, d = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
         qkv = self.query_key_value(x)
@@ -190,7 +190,7 @@ class SelfAttention(nn.Module):
             q, k, v = qkv.split([nh * d, ng * d, ng * d], dim=-1)
         else:  # rows per head: [q0 k0 v0 | q1 k1 v1 | ...], each d wide
             q, k, v = (t.reshape(B, T, nh * d) for t in qkv.view(B, T, nh, 3 * d).split(d, dim=-1))
-        return self.dense(attention(q, k, v, rope, self.config))
+        return self.dense(attention(self, q, k, v, ctx, self.config))
 
 
 class MLP(nn.Module):
@@ -218,8 +218,8 @@ class GlmAttention(nn.Module):
         self.v_proj = nn.Linear(C, ng * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(nh * d, C, bias=False)
 
-    def forward(self, x, rope):
-        return self.o_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), rope, self.config))
+    def forward(self, x, ctx):
+        return self.o_proj(attention(self, self.q_proj(x), self.k_proj(x), self.v_proj(x), ctx, self.config))
 
 
 class GlmMLP(nn.Module):
@@ -246,8 +246,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, x, rope):
-        x = x + getattr(self, self.attention_name)(self.input_layernorm(x), rope)
+    def forward(self, x, ctx):
+        x = x + getattr(self, self.attention_name)(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -255,11 +255,11 @@ class GLMFamily(CausalLM):
     """What both layouts share: the rotary angles."""
 
     def rotary(self, positions, dtype):
-        """cos, sin of shape (T, r), r = head_dim * partial_rotary_factor, in fp32 like THUDM's and
-        transformers' code, then cast. Pair (2i, 2i+1) turns by position * theta^(-2i/r)."""
+        """cos, sin of shape (B, T, r) for positions (B, T), r = head_dim * partial_rotary_factor, in fp32
+        like THUDM's and transformers' code, then cast. Pair (2i, 2i+1) turns by position * theta^(-2i/r)."""
         r = int(self.config.head_dim * self.config.partial_rotary_factor)
-        freqs = torch.outer(positions.float(), inv_frequencies(r, self.config.rope_theta, positions.device))
-        emb = freqs.repeat_interleave(2, dim=-1)  # (T, r): (a0 a0 a1 a1 ...), for rotate_pairs
+        freqs = positions[..., None].float() * inv_frequencies(r, self.config.rope_theta, positions.device)
+        emb = freqs.repeat_interleave(2, dim=-1)  # (B, T, r): (a0 a0 a1 a1 ...), for rotate_pairs
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -71,9 +71,9 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, rope):
+    def forward(self, x, ctx):
         B, T, C = x.shape
-        cos, sin = rope  # each (T, rotary_ndims)
+        cos, sin = ctx.cos, ctx.sin  # each (B or 1, 1, T, rotary_ndims)
         # The fused projection's rows are interleaved per head: [q_h0 k_h0 v_h0 q_h1 k_h1 v_h1 ...].
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
         q, k, v = qkv.split(self.head_size, dim=-1)  # each (B, nh, T, hs)
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         r = self.rotary_ndims
         q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
         k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_size ** -0.5)
+        y = ctx.attend(self, q, k, v)  # (B, nh, T, hs)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -104,8 +104,8 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope):
-        attn = self.attention(self.input_layernorm(x), rope)
+    def forward(self, x, ctx):
+        attn = self.attention(self.input_layernorm(x), ctx)
         if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)), Pythia's default
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         x = x + attn
@@ -144,10 +144,10 @@ class GPTNeoX(CausalLM):
         return self.gpt_neox.final_layer_norm(x)
 
     def rotary(self, positions, dtype):
-        """cos, sin of shape (T, rotary_ndims), computed in fp32 like transformers, then cast."""
+        """cos, sin of shape (B, T, rotary_ndims) for positions (B, T), in fp32 like transformers, then cast."""
         dim = int(self.config.head_dim * self.config.rotary_pct)
-        freqs = torch.outer(positions.float(), inv_frequencies(dim, self.config.rotary_emb_base, positions.device))
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, dim): pair (i, i + dim/2) shares an angle
+        freqs = positions[..., None].float() * inv_frequencies(dim, self.config.rotary_emb_base, positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim): pair (i, i + dim/2) shares an angle
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -140,9 +140,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, rope):
+    def forward(self, x, ctx):
         B, T, _ = x.shape
-        cos, sin = rope  # each (T, hs)
+        cos, sin = ctx.cos, ctx.sin  # each (B or 1, 1, T, hs)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -151,18 +151,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs) x2
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if self.sliding_window is None or T <= self.sliding_window:
-            # Causal only. enable_gqa lets query head i read k/v head i // (nh / nkv) without copying k, v.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
-        else:
-            # Mistral's sliding window: a key at distance >= window from its query is masked, as in
-            # transformers. With a mask, CUDA runs GQA only in the slow math kernel, so copy k, v per query head.
-            i = torch.arange(T, device=x.device)
-            distance = i[:, None] - i[None, :]  # (T, T): query position minus key position
-            mask = (distance >= 0) & (distance < self.sliding_window)
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, nh, T, hs)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = ctx.attend(self, q, k, v, window=self.sliding_window)  # (B, nh, T, hs); query head i reads
+        # k/v head i // (nh / nkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -185,8 +175,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope):
-        x = x + self.self_attn(self.input_layernorm(x), rope)  # pre-norm residual blocks
+    def forward(self, x, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), ctx)  # pre-norm residual blocks
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -227,8 +217,8 @@ class Llama(CausalLM):
             inv_freq = inv_freq / scaling["factor"]
         elif rope_type == "llama3":
             inv_freq = llama3_frequencies(inv_freq, **scaling)
-        freqs = torch.outer(positions.float(), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs): pair (i, i + hs/2) shares an angle
+        freqs = positions[..., None].float() * inv_freq  # (B, T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs): pair (i, i + hs/2) shares an angle
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
