@@ -341,3 +341,27 @@ def test_lora_adapter_on_query_key_value_round_trips(tmp_path):
         loaded = load_adapter(base, str(tmp_path / "adapter"))(ids)
         torch.testing.assert_close(loaded, model(ids))
     assert not torch.allclose(loaded, plain)  # the adapter changes the logits, so the check can fail
+
+
+def test_glm_adapters_load_both_ways_with_peft(tmp_path):
+    """peft's adapter on GlmForCausalLM (every Linear, the head in full) loads here and computes the
+    same logits; nanotune's adapter loads in peft the same way."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    path = make_folder(tmp_path / "base", glm_config())
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       modules_to_save=["lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours = load_adapter(from_pretrained(path), str(tmp_path / "peft"))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+    save_adapter(ours, str(tmp_path / "ours"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    back = peft.PeftModel.from_pretrained(base, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)

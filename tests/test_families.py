@@ -128,3 +128,15 @@ def test_an_instruct_fine_tune_stops_at_the_end_of_its_turn(tiny_data, tmp_path)
     chat = subprocess.run([sys.executable, "-m", "nanotune.generate", "--model", str(out / "merged"), "--chat"],
                           input="Say ok to fish.\n", capture_output=True, text=True, cwd=ROOT, env=CPU_ONLY)
     assert chat.returncode == 0 and chat.stdout.splitlines()[0] == "> ok", chat.stdout + chat.stderr
+
+
+def test_zero3_gathers_a_complete_llama_adapter(tiny_data, tmp_path):
+    """DeepSpeed ZeRO-3 partitions every parameter; the adapter it saves is gathered whole (a group of
+    one process: the partitioning and gathering code is the same as with many)."""
+    pytest.importorskip("deepspeed")
+    model = family_folder(tmp_path / "model", "llama")
+    run_train("--model", model, "--data", tiny_data, "--out", tmp_path / "out", "--max-steps", 2, "--batch-size", 4,
+              "--strategy", "deepspeed", "--zero-stage", 3, "--lora-target", "all-linear", "--eval-exact-match", 0)
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 7 * 2 and all(t.numel() > 0 for t in adapter.values())  # 7 Linears a block, A and B
+    load_adapter(from_pretrained(model), tmp_path / "out" / "adapter")

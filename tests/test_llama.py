@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanotune import UserError
-from nanotune.lora import inject_lora, save_adapter
+from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.models import from_pretrained, save_pretrained
 from nanotune.models.llama import ARCHITECTURES, Config, Llama
 
@@ -258,3 +258,23 @@ def test_lora_adapter_loads_in_peft(tmp_path):
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(model(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_peft_adapter_loads_here(tmp_path, model_type):
+    """The other way: an adapter peft trained and saved (every Linear, the head trained in full) loads
+    with nanotune's load_adapter and computes what peft's model computes."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    make_folder(tmp_path / "base", config_json(model_type, num_key_value_heads=2))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), attn_implementation="eager")
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       modules_to_save=["lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    ours = load_adapter(from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
