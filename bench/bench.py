@@ -3,11 +3,15 @@
     python bench/bench.py --mode lora-bf16                      # nanotune alone, Pythia-70m shape
     python bench/bench.py --mode lora-fp32 --compare-hf         # side by side with GPTNeoXForCausalLM + peft
     python bench/bench.py --mode nf4 --hidden 768 --layers 12 --heads 12 --seq 512
+    python bench/bench.py --family llama --kv-heads 2 --compare-hf  # Llama-3.2-1B's proportions, LlamaForCausalLM
 
 What one run does:
-  1. Builds a random GPT-NeoX of the requested shape (seeded) and writes it once with
+  1. Builds a random model of the requested family and shape (seeded) and writes it once with
      nanotune.models.save_pretrained to a temporary folder. Every framework loads that same folder,
-     so both train the identical model on the identical random token batches.
+     so both train the identical model on the identical random token batches. --family gpt_neox is
+     Pythia's layout; --family llama has Llama 3.2's proportions (SwiGLU MLP 4 x hidden, grouped-query
+     attention, vocabulary 128256, the head tied to the embedding, rope_theta 500000). LoRA goes on
+     the family's default targets (PEFT's): query_key_value for GPT-NeoX, q_proj and v_proj for Llama.
   2. Speed, in this process: each runner (nanotune; with --compare-hf also transformers +
      peft, in its bf16 variants) is built exactly as its users would build it, runs --warmup
      untimed steps, then the runners take turns running --block timed steps each until every one has
@@ -24,11 +28,13 @@ What one run does:
      (torch._dynamo on the first AdamW step, bitsandbytes, transformers) are paid before that
      baseline. On CUDA it also reports torch.cuda.max_memory_allocated.
   4. FLOP utilisation: model FLOPs per token / measured peak, counted from the Linear layers the
-     model holds. A Linear of N weights costs 2N per token forward; training touches it ~4N when it
-     is frozen (forward + input gradient; no weight gradient) and ~6N when it trains (full fine-tune,
-     and the LoRA matrices). Causal attention's two (T x hs) matmuls cost 2*2*T*(heads*hs) per token
-     per layer forward (counted unmasked, as in PaLM's MFU) and 3x that in training, LoRA included:
-     q, k and v need gradients either way. The peak is the best throughput of a dense GEMM at the
+     model holds (a tied head once: it is one Linear whose weight the embedding shares). A Linear of
+     N weights costs 2N per token forward; training touches it ~4N when it is frozen (forward + input
+     gradient; no weight gradient) and ~6N when it trains (full fine-tune, and the LoRA matrices).
+     Causal attention's two (T x hs) matmuls cost 2*2*T*(heads*hs) per token per layer forward
+     (counted unmasked, as in PaLM's MFU; grouped-query attention shares k and v between query
+     heads but runs every query head's matmuls) and 3x that in training, LoRA included: q, k and v
+     need gradients either way. The peak is the best throughput of a dense GEMM at the
      model's own matmul shapes, forward (B*T, in) x (in, out) and backward (B*T, out) x (out, in),
      measured here in fp32 and bf16. On a CPU both sides are counted per CPU-second (training
      FLOPs per CPU-second / GEMM FLOPs per CPU-second), so a busy machine lowers neither alone;
@@ -39,9 +45,10 @@ With --strategy ddp|fsdp, under torchrun, each process trains nanotune wrapped a
 on its own --batch rows (data parallelism: N processes train N times the rows per step), and
 tokens/s counts all of them; bench/scaling.py runs that for 1 and 2 processes side by side.
 
-transformers and peft are imported only for --compare-hf; nanotune never depends on them. For
-HF's bf16 the bench runs both of its usual settings, autocast over fp32 weights and the model
-loaded in bf16 (dtype=torch.bfloat16, peft keeps LoRA in fp32), and ratios use the faster one.
+transformers and peft are imported only for --compare-hf; nanotune never depends on them. HF loads
+the folder with AutoModelForCausalLM, which picks GPTNeoXForCausalLM or LlamaForCausalLM from its
+config. For HF's bf16 the bench runs both of its usual settings, autocast over fp32 weights and the
+model loaded in bf16 (dtype=torch.bfloat16, peft keeps LoRA in fp32), and ratios use the faster one.
 """
 import argparse
 import contextlib
@@ -58,29 +65,35 @@ import torch
 import torch.nn as nn
 
 from nanotune.lora import inject_lora
-from nanotune.models import from_pretrained, save_pretrained
-from nanotune.models.gpt_neox import Config, GPTNeoX
+from nanotune.models import from_pretrained, gpt_neox, llama, save_pretrained
 from nanotune.precision import cast_frozen, resolve
 from nanotune.quantize import quantize, weight_bytes
 
 MODES = {  # mode -> (LoRA?, default precision, quantized bits)
     "lora-fp32": (True, "32", None), "lora-bf16": (True, "bf16", None), "full": (False, "32", None),
     "int8": (True, "32", 8), "nf4": (True, "32", 4)}
+FAMILIES = {"gpt_neox": gpt_neox.GPTNeoX, "llama": llama.Llama}  # --family -> model class
+VOCAB = {"gpt_neox": 50304, "llama": 128256}  # --vocab's default: Pythia's, Llama 3's
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--mode", default="lora-bf16", choices=list(MODES), help="what to train (default: %(default)s)")
+    a("--family", default="gpt_neox", choices=list(FAMILIES), help="architecture: GPT-NeoX (Pythia) or Llama "
+      "(3.2's proportions: SwiGLU, grouped-query attention, tied head) (default: %(default)s)")
     a("--precision", help="override the mode's precision (32, bf16, bf16-true); int8/nf4 default to 32")
     a("--hidden", type=int, default=512, help="hidden size C (default: Pythia-70m's 512)")
     a("--layers", type=int, default=6, help="transformer blocks (default: %(default)s)")
     a("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
+    a("--kv-heads", type=int, help="--family llama: key/value heads, which query heads share in groups "
+      "(default: heads / 4, as Llama 3.2's 32 and 8)")
     a("--intermediate", type=int, help="MLP width (default: 4 x hidden)")
-    a("--vocab", type=int, default=50304, help="vocabulary size (default: %(default)s)")
+    a("--vocab", type=int, help="vocabulary size (default: 50304 for gpt_neox, Llama 3's 128256 for llama)")
     a("--seq", type=int, default=256, help="tokens per row T (default: %(default)s)")
     a("--batch", type=int, default=4, help="rows per step B (default: %(default)s)")
-    a("--lora-r", type=int, default=8, help="LoRA rank on query_key_value (default: %(default)s)")
+    a("--lora-r", type=int, default=8, help="LoRA rank on the family's default targets, query_key_value or "
+      "q_proj and v_proj (default: %(default)s)")
     a("--lora-alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
     a("--grad-checkpoint", action="store_true", help="recompute each block in the backward (train.py's flag; "
       "transformers' gradient_checkpointing_enable for HF)")
@@ -100,21 +113,34 @@ def parse_args(argv=None):
     # Internal: the memory children.
     a("--only", help=argparse.SUPPRESS)  # run only this runner, print one JSON line
     a("--model-dir", help=argparse.SUPPRESS)  # the folder the parent wrote
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.vocab = args.vocab or VOCAB[args.family]
+    if args.family == "llama":
+        args.kv_heads = max(1, args.heads // 4) if args.kv_heads is None else args.kv_heads
+        if args.kv_heads < 1 or args.heads % args.kv_heads:
+            p.error(f"--kv-heads {args.kv_heads} must be a positive divisor of --heads {args.heads}: query "
+                    "heads share key/value heads in equal groups")
+    elif args.kv_heads is not None:
+        p.error("--kv-heads applies to --family llama only (GPT-NeoX gives every query head its own k and v)")
+    return args
 
 
 # ---- the model, the data, the FLOP count -------------------------------------------------------
 
 def make_config(args):
-    return Config(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                           num_attention_heads=args.heads, intermediate_size=args.intermediate or 4 * args.hidden,
-                           max_position_embeddings=max(2048, args.seq))
+    shape = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                 num_attention_heads=args.heads, intermediate_size=args.intermediate or 4 * args.hidden,
+                 max_position_embeddings=max(2048, args.seq))
+    if args.family == "gpt_neox":
+        return gpt_neox.Config(**shape)
+    return llama.Config(model_type="llama", num_key_value_heads=args.kv_heads, tie_word_embeddings=True,
+                        rope_theta=500000.0, rms_norm_eps=1e-5, **shape)  # Llama 3.2 1B's settings
 
 
 def write_model(args, path):
-    """A random model with GPT-NeoX's init (normal, std 0.02), saved in HF layout."""
+    """A random model with both families' init (normal, std 0.02; biases zero), saved in HF layout."""
     torch.manual_seed(args.seed)
-    model = GPTNeoX(make_config(args))
+    model = FAMILIES[args.family](make_config(args))
     for name, p in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
@@ -220,7 +246,7 @@ def nanotune_model(args, path, device):
     if bits:
         quantize(model, bits, precision.compute_dtype, device=device)
     if lora:
-        inject_lora(model, ["query_key_value"], args.lora_r, args.lora_alpha, dropout=0.0)
+        inject_lora(model, model.lora_targets, args.lora_r, args.lora_alpha, dropout=0.0)
     else:
         model.requires_grad_(True)
     return cast_frozen(model, precision).to(device).train(), precision
@@ -243,7 +269,7 @@ def hf_variants(args, device):
 
 def build_hf(args, path, device, name):
     from peft import LoraConfig, get_peft_model
-    from transformers import BitsAndBytesConfig, GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     lora, _, bits = MODES[args.mode]
     dtype, autocast = hf_variants(args, device)[name]
     quant = None
@@ -252,13 +278,14 @@ def build_hf(args, path, device, name):
     elif bits == 4:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                    bnb_4bit_compute_dtype=autocast or dtype)
-    model = GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
-                                               quantization_config=quant, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                 quantization_config=quant, device_map={"": device})
     if args.grad_checkpoint:  # non-reentrant, as nanotune's: no need for inputs that require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:  # peft keeps the adapter in fp32 over a bf16 base (autocast_adapter_dtype=True)
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+                                                 target_modules=list(FAMILIES[args.family].lora_targets),
+                                                 task_type="CAUSAL_LM"))
     else:
         model.requires_grad_(True)
     model.train()
@@ -411,8 +438,10 @@ def report(args, runners, flops, shapes, memory, device, world_size=1):
     flops: nanotune's training FLOPs per token, which every runner is credited with (the same model)."""
     tokens, nan, config = args.batch * args.seq, float("nan"), make_config(args)
     peaks = {dt: matmul_peak(shapes, tokens, dt, device) for dt in {r.compute_dtype for r in runners}}
-    print(f"\nmode {args.mode}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-          f"{config.num_attention_heads} heads, vocab {config.vocab_size}, batch {args.batch} x seq {args.seq}, "
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)  # GPT-NeoX: one per head
+    print(f"\n{args.family}, mode {args.mode}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+          f"{config.num_attention_heads} heads, {kv_heads} kv heads, vocab {config.vocab_size}"
+          f"{', tied head' if config.tie_word_embeddings else ''}, batch {args.batch} x seq {args.seq}, "
           f"{args.steps} timed steps each ({args.block} per turn) after {args.warmup} warm-up, "
           f"{torch.get_num_threads()} threads on {device.type}")
     print(f"matmul peak at the model's shapes, per {'second' if device.type == 'cuda' else 'CPU-second'}: " + ", ".join(
@@ -448,7 +477,8 @@ def report(args, runners, flops, shapes, memory, device, world_size=1):
               + (f", peak RSS x{nt['peak_rss_mb'] / hf['peak_rss_mb']:.2f}, "
                  f"train RSS x{nt['train_rss_mb'] / hf['train_rss_mb']:.2f}" if "peak_rss_mb" in nt and
                  "peak_rss_mb" in hf else ""))
-    print("json " + json.dumps({"mode": args.mode, "seq": args.seq, "hidden": args.hidden, "results": results}))
+    print("json " + json.dumps({"family": args.family, "mode": args.mode, "seq": args.seq, "hidden": args.hidden,
+                                "kv_heads": kv_heads, "results": results}))
 
 
 if __name__ == "__main__":

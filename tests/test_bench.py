@@ -29,13 +29,16 @@ def json_line(out):
     return json.loads(line[5:])["results"]
 
 
-def test_flop_count_of_a_full_fine_tune_matches_torchs_flop_counter():
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_flop_count_of_a_full_fine_tune_matches_torchs_flop_counter(family):
     """torch's FlopCounterMode counts the matmuls one training step really runs (attention through
     the math backend, whose batched matmuls it sees). It does not see the head's in-place
     grad_W.addmm_ (2*C*V per token), and each row's last position has no label (6*C*V per row), so it
     may count that much less than the formula; a wrong multiplier (4x or 6x, attention's 3x) lands
-    far outside."""
-    args = bench.parse_args(["--mode", "full", *TINY])
+    far outside. Llama's tied head changes none of this: the head is one Linear (the embedding's
+    gradient, a scatter, and the sum of the two gradients cost no matmul), and grouped-query attention
+    runs the math backend's matmuls for every query head, as the formula counts them."""
+    args = bench.parse_args(["--mode", "full", "--family", family, *TINY])
     with tempfile.TemporaryDirectory() as tmp:
         bench.write_model(args, tmp)
         runner = bench.build_nanotune(args, tmp, torch.device("cpu"))
@@ -58,6 +61,17 @@ def modes():
 def test_every_mode_trains_and_reports(mode, capsys):
     bench.main(bench.parse_args(["--mode", mode, "--steps", "2", "--warmup", "1", "--no-memory", *TINY]))
     result = json_line(capsys.readouterr().out)["nanotune"]
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 2 and result["blocks_mb"] < result["base_mb"]
+
+
+def test_llama_trains_and_reports(capsys):
+    """--family llama: grouped-query attention (4 query heads on 1 kv head), the head tied to the
+    embedding, LoRA on q_proj and v_proj."""
+    bench.main(bench.parse_args(["--family", "llama", "--mode", "lora-bf16", "--steps", "2", "--warmup", "1",
+                                 "--no-memory", *TINY]))
+    out = capsys.readouterr().out
+    assert "llama, mode lora-bf16: hidden 32, 2 layers, 4 heads, 1 kv heads, vocab 96, tied head" in out
+    result = json_line(out)["nanotune"]
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 2 and result["blocks_mb"] < result["base_mb"]
 
 
