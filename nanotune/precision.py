@@ -57,15 +57,18 @@ def cast_frozen(model: nn.Module, p: Precision):
 
     Under autocast a Linear's weight and bias are cast to the compute dtype on every call anyway,
     so keeping the frozen ones there is exact and saves the cast and the memory. Norms and
-    embeddings run in their own dtype, so they stay. bf16-true casts everything but LoRA's weights
-    (which keep --lora-dtype)."""
+    embeddings run in their own dtype, so they stay, and so does an output head tied to the
+    embedding (Llama 3.2, small Qwens): it is the embedding's tensor, and casting it would put the
+    whole residual stream in bf16. bf16-true casts everything but LoRA's weights (which keep --lora-dtype)."""
     if p.name == "32-true":
         return model
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
         if p.name == "bf16-true" and ".lora_" not in name + ".":
             for param in module.parameters(recurse=False):
                 if param.is_floating_point():  # int8 / packed 4-bit codes keep their dtype
                     param.data = param.data.to(p.compute_dtype)
-        elif type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()):
+        elif type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()) \
+                and id(module.weight) not in embeddings:
             module.to(p.compute_dtype)
     return model

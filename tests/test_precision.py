@@ -25,6 +25,16 @@ def test_names_and_aliases():
         resolve("fp8", CPU)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_mixed_keeps_embeddings_and_a_tied_head_in_fp32(tied):
+    """A head tied to the embedding is the embedding's tensor: storing it in bf16 would put the residual
+    stream in bf16 too, which autocast over fp32 weights never does. An untied frozen head is cast."""
+    model = cast_frozen(inject_lora(GPTNeoX(tiny_config(tie_word_embeddings=tied))), resolve("bf16", CPU))
+    assert model.gpt_neox.embed_in.weight.dtype == torch.float32
+    assert model.embed_out.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+    assert (model.embed_out.weight is model.gpt_neox.embed_in.weight) == tied
+
+
 @pytest.mark.parametrize("name", ["32", "bf16", "bf16-true"])
 def test_lora_trains_only_lora_and_leaves_the_base(name):
     torch.manual_seed(0)
