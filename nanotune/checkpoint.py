@@ -5,6 +5,7 @@ its destination, its files fsynced, then renamed into place: a crash mid-save le
 stray temporary folder, never a destination that looks finished and is not.
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -13,11 +14,11 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanotune import UserError
-from nanotune.distributed import barrier, full_state_dict, like, local
+from nanotune.distributed import barrier, is_dtensor, like, local, print0, shard_rows
 
 
 def fsync_tree(path):
@@ -73,48 +74,91 @@ def atomic_dir(path):
 
 
 # --- Training checkpoints: OUT/checkpoints/step-N/ ------------------------------------------------
-#   trainer.json           rank 0: step, flags, data position, loss-scaler state, world size
-#   state-rank{r}.safetensors  trainable weights and AdamW moments. Under FSDP every rank writes
-#                          its own shard; under DeepSpeed rank 0 the whole trainable weights and each
-#                          rank its ZeRO optimizer partition; otherwise all ranks hold the same values
-#                          and rank 0 writes them.
+#   trainer.json           rank 0: step, flags (with the number of processes), loss-scaler state,
+#                          AdamW's step count
+#   state-rank{r}.safetensors  the pieces of the trainable weights (param.NAME) and AdamW moments
+#                          (adam.NAME.exp_avg, adam.NAME.exp_avg_sq) that rank r wrote, each flattened
+#                          to 1-D: elements [start, end) of the tensor read in row-major order
+#   state-rank{r}.json     rank r's layout: {"param.NAME": {"shape": [out, in], "start": s, "end": e}}
 #   rng-rank{r}.safetensors / rng-rank{r}.json  each rank's torch (CPU, CUDA), python, numpy RNG
+# Each rank writes what it holds: under FSDP its shard (rows [a, b), so elements [a * in, b * in)),
+# under ZeRO-3 its partition of each flattened parameter, and where every rank holds a tensor whole
+# (LoRA under DDP, ZeRO-1/2's gathered moments) an even share of it. No rank gathers the model, and
+# the format is the same whatever the strategy and number of processes: a resuming rank reads the
+# elements it will hold from whichever files have them, and nothing else (safetensors slices a file
+# without loading it).
 # A `latest` file names the newest complete step-N; it is replaced (atomically) after the folder
 # is renamed into place, so it never points at a half-written checkpoint.
 
 def save(out, step, model, world, named_trainable, optimizer, scaler, flags: dict, keep):
-    """Write checkpoint step-`step` of a run (every rank must call: ZeRO-3 gathers, all ranks write)."""
-    if world.strategy == "deepspeed":
-        from nanotune.zero import ds_optimizer_state
-        weights = full_state_dict(model, world, trainable_only=True)
-        tensors = {**{f"param.{k}": v for k, v in weights.items()}, **ds_optimizer_state(model, optimizer)}
-    elif world.strategy == "fsdp" or world.is_main:
-        tensors = local_state(named_trainable, optimizer)
+    """Write checkpoint step-`step` of a run (every rank must call: ZeRO-1/2 gathers moments, all ranks write)."""
+    if world.strategy == "deepspeed" and model.zero_optimization_stage() > 0:
+        from nanotune.zero import ds_pieces
+        pieces = ds_pieces(named_trainable, optimizer, world)
     else:
-        tensors = None
-    trainer = {"step": step, "args": {**flags, "world_size": world.size}, "scaler": scaler.state_dict()}
-    return save_checkpoint(out, step, tensors, trainer, world.rank, keep)
+        pieces = my_pieces(named_trainable, optimizer, world)
+    tensors, layout = {}, {}
+    for key, shape, start, piece in pieces:
+        if piece.numel():  # a copy: ZeRO's pieces are views into one flat buffer, which safetensors refuses
+            tensors[key] = piece.detach().to("cpu", copy=True)
+            layout[key] = {"shape": list(shape), "start": start, "end": start + piece.numel()}
+    adam = next(iter(optimizer.state.values()), {})  # AdamW's step count: every tensor steps together
+    trainer = {"step": step, "args": {**flags, "world_size": world.size}, "scaler": scaler.state_dict(),
+               "adam_step": float(adam.get("step", 0))}
+    return save_checkpoint(out, step, tensors, layout, trainer, world.rank, keep)
+
+
+def my_pieces(named_trainable, optimizer, world):
+    """(key, global shape, start, 1-D piece) for what this rank writes of each trainable weight and
+    moment: its rows of an FSDP shard (under hybrid sharding the first replica's), or an even share
+    of a tensor every rank holds whole."""
+    for name, p in named_trainable:
+        moments = [(f"adam.{name}.{k}", v) for k, v in optimizer.state.get(p, {}).items() if k != "step"]
+        for key, t in [(f"param.{name}", p.detach()), *moments]:
+            if is_dtensor(t):
+                first_row, writes = shard_rows(t)
+                piece = local(t).reshape(-1)
+                yield key, t.shape, first_row * math.prod(t.shape[1:]), piece if writes else piece[:0]
+            else:
+                yield key, t.shape, *even_share(t.reshape(-1), world.rank, world.size)
+
+
+def even_share(flat, rank, size):
+    """(start, piece): rank's ceil(n / size) elements of a 1-D tensor every rank holds (the last share
+    shorter or empty), the same cut as ZeRO-3's partitions."""
+    n = flat.numel()
+    start = min(rank * math.ceil(n / size), n)
+    return start, flat[start:start + math.ceil(n / size)]
 
 
 def restore_weights(path, named_trainable):
-    """Only the trainable weights, as rank 0 wrote them: DeepSpeed builds its fp32 partitions from the
+    """Only the trainable weights, whole on every rank: DeepSpeed builds its fp32 partitions from the
     weights it is given, so they are restored before the engine exists."""
-    with damaged(path):
-        restore_local_state(read_state(path, 0), named_trainable)
+    with damaged(path), Pieces(path) as pieces:
+        with torch.no_grad():
+            for name, p in named_trainable:
+                p.copy_(pieces.mine(f"param.{name}", p))
 
 
 def restore(path, model, world, named_trainable, optimizer, scaler) -> int:
-    """Weights, AdamW moments, every RNG and the loss scale from checkpoint `path`; returns its step
-    (which is also the data position). The inverse of save."""
-    with damaged(path):
-        if world.strategy == "deepspeed":
-            from nanotune.zero import ds_load_optimizer_state
-            ds_load_optimizer_state(model, optimizer, read_state(path, world.rank))
-        else:  # under FSDP each rank reads its own shard; otherwise rank 0 wrote the one copy
-            restore_local_state(read_state(path, world.rank if world.strategy == "fsdp" else 0), named_trainable,
-                                optimizer)
-        restore_rng(path, world.rank)
+    """Weights, AdamW moments, RNG and the loss scale from checkpoint `path`, written by any number of
+    processes under any strategy; returns its step (which is also the data position). The inverse of
+    save. Each rank's RNG carries over when the number of processes is the same; otherwise there is no
+    stream to continue, and every rank re-seeds from (seed, step, rank)."""
+    with damaged(path), Pieces(path) as pieces:
         trainer = read_trainer(path)
+        if world.strategy == "deepspeed" and model.zero_optimization_stage() > 0:
+            from nanotune.zero import ds_restore_moments  # the weights are in since restore_weights
+            ds_restore_moments(model, optimizer, named_trainable, pieces, trainer["adam_step"], world.rank)
+        else:
+            restore_state(pieces, named_trainable, optimizer, trainer["adam_step"])
+        saved = trainer["args"]
+        if saved["world_size"] == world.size:
+            restore_rng(path, world.rank)
+        else:
+            reseed(saved["seed"], trainer["step"], world.rank)
+            print0(f"the checkpoint was written by {saved['world_size']} process(es), this run has {world.size}: "
+                   "each rank's RNG is re-seeded from (seed, step, rank)")
     scaler.load_state_dict(trainer["scaler"] or {})
     return trainer["step"]
 
@@ -139,29 +183,78 @@ def set_rng_state(tensors, plain):
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def local_state(named_trainable, optimizer) -> dict:
-    """Trainable weights and AdamW moments as this rank holds them (its shards, under FSDP)."""
-    tensors = {}
-    for name, p in named_trainable:
-        tensors[f"param.{name}"] = local(p.detach()).cpu().contiguous()
-        for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"adam.{name}.{key}"] = local(value).cpu().contiguous()
-    return tensors
+def reseed(seed, step, rank):
+    """Fresh torch (CPU and CUDA), python and numpy streams for `rank`, a pure function of (seed, step,
+    rank): two resumes of one checkpoint draw the same dropout masks."""
+    value = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value)
 
 
-def restore_local_state(tensors, named_trainable, optimizer=None):
-    """The inverse of local_state; without an optimizer, only the weights."""
+def restore_state(pieces, named_trainable, optimizer, adam_step):
+    """Weights and AdamW moments (none, DDP, FSDP, ZeRO stage 0): each rank reads what it holds."""
     with torch.no_grad():
         for name, p in named_trainable:
-            local(p).copy_(tensors[f"param.{name}"])
-            state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")}
-            if optimizer is not None and state:
-                optimizer.state[p] = {k: v if k == "step" else like(p, v) for k, v in state.items()}
+            local(p).copy_(pieces.mine(f"param.{name}", p))
+            moments = pieces.moments(name)
+            if moments:  # AdamW keeps its step count as a CPU float tensor
+                optimizer.state[p] = {"step": torch.tensor(adam_step, dtype=torch.float32),
+                                      **{k: like(p, pieces.mine(f"adam.{name}.{k}", p)) for k in moments}}
 
 
-def save_checkpoint(out, step, tensors, trainer, rank, keep):
-    """Every rank calls this, with the tensors it owns (None: nothing). Files go to a temporary
-    folder that rank 0 renames into place once all ranks have fsynced theirs (checkpoints in
+class Pieces:
+    """The tensors of a checkpoint, however many processes wrote them: read(key, a, b) assembles
+    elements [a, b) of a flattened tensor from the pieces that hold them, reading only those bytes."""
+
+    def __init__(self, path):
+        self.where = {}  # key -> [(start, end, open file)], by start
+        self.shapes = {}
+        for rank in range(read_trainer(path)["args"]["world_size"]):
+            with open(os.path.join(path, f"state-rank{rank}.json")) as f:
+                layout = json.load(f)
+            file = safe_open(os.path.join(path, f"state-rank{rank}.safetensors"), "pt") if layout else None
+            for key, entry in layout.items():
+                self.shapes[key] = entry["shape"]
+                self.where.setdefault(key, []).append((entry["start"], entry["end"], file))
+        for spans in self.where.values():
+            spans.sort(key=lambda span: span[0])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.where = None  # drop the open files (safetensors unmaps them when they are collected)
+
+    def moments(self, name):
+        """The optimizer-state names saved for parameter `name` (exp_avg, exp_avg_sq)."""
+        prefix = f"adam.{name}."
+        return [key[len(prefix):] for key in self.where if key.startswith(prefix)]
+
+    def read(self, key, start, end):
+        spans = self.where[key]
+        parts, at = [spans[0][2].get_slice(key)[0:0]], start  # the dtype, when nothing is asked for
+        for lo, hi, file in spans:
+            if lo <= at < hi and at < end:
+                parts.append(file.get_slice(key)[at - lo:min(hi, end) - lo])
+                at = min(hi, end)
+        if at < end:
+            raise ValueError(f"no rank wrote elements {at} to {end} of {key}")
+        return torch.cat(parts)
+
+    def mine(self, key, p):
+        """The part of tensor `key` that parameter `p` holds on this rank, in its local shape: under
+        FSDP its shard's rows, else the whole tensor."""
+        if list(p.shape) != self.shapes[key]:
+            raise ValueError(f"{key} has shape {self.shapes[key]} in the checkpoint but {list(p.shape)} here")
+        first_row = shard_rows(p)[0] if is_dtensor(p) else 0
+        shape, row = local(p).shape, math.prod(p.shape[1:])
+        return self.read(key, first_row * row, (first_row + shape[0]) * row).view(shape)
+
+
+def save_checkpoint(out, step, tensors, layout, trainer, rank, keep):
+    """Every rank calls this, with the tensors it owns and their layout ({}: nothing). Files go to a
+    temporary folder that rank 0 renames into place once all ranks have fsynced theirs (checkpoints in
     multi-node runs need a shared filesystem)."""
     root = os.path.join(out, "checkpoints")
     final, tmp = os.path.join(root, f"step-{step}"), os.path.join(root, f".step-{step}.tmp")
@@ -175,7 +268,8 @@ def save_checkpoint(out, step, tensors, trainer, rank, keep):
             save_file(content, os.path.join(tmp, name))
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-    write_json(os.path.join(tmp, f"rng-rank{rank}.json"), rng_plain)  # write_json fsyncs
+    write_json(os.path.join(tmp, f"state-rank{rank}.json"), layout)  # write_json fsyncs
+    write_json(os.path.join(tmp, f"rng-rank{rank}.json"), rng_plain)
     if rank == 0:
         write_json(os.path.join(tmp, "trainer.json"), trainer)
     barrier()
@@ -240,12 +334,6 @@ def damaged(path):
 def read_trainer(path):
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)
-
-
-def read_state(path, rank):
-    """The tensors rank `rank` wrote into the checkpoint ({} if it wrote none)."""
-    file = os.path.join(path, f"state-rank{rank}.safetensors")
-    return load_file(file) if os.path.exists(file) else {}
 
 
 def restore_rng(path, rank):

@@ -13,7 +13,11 @@ from nanotune.quantize import quant_bits
 
 # Flags that do not change the math of a run: a resume may change these and nothing else.
 RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
-             "keep", "merge", "local_rank"}
+             "keep", "merge", "local_rank", "data_cache"}
+# How the work is spread over processes: a resume may change these too, if the global batch (micro-batch x
+# grad-accum x processes) stays the same, so that every step reads the very same rows (data.Batches).
+LAYOUT = {"world_size", "batch_size", "grad_accum", "strategy", "fsdp_sharding", "fsdp_prefetch", "fsdp_offload",
+          "zero_stage", "zero_offload", "deepspeed_config"}
 
 
 def check_args(args):
@@ -89,10 +93,17 @@ def check_combination(args, world):
 
 
 def check_resume(saved: dict, args, world_size: int):
-    """Refuse a resume whose flags would change the math of the run it continues."""
+    """Refuse a resume whose flags would change the math of the run it continues: it may spread the
+    same global batch over another number of processes or another strategy, and change nothing else."""
     now = {**vars(args), "world_size": world_size}
     for key in sorted(set(saved) | set(now)):
-        if key not in RESUMABLE and saved.get(key) != now.get(key):
-            flag = "the number of processes" if key == "world_size" else "--" + key.replace("_", "-")
-            raise UserError(f"cannot resume: {flag} was {saved.get(key)!r} in the checkpoint but is "
-                            f"{now.get(key)!r} now; a resumed run must repeat the original's flags")
+        if key not in RESUMABLE | LAYOUT and saved.get(key) != now.get(key):
+            raise UserError(f"cannot resume: --{key.replace('_', '-')} was {saved.get(key)!r} in the checkpoint but "
+                            f"is {now.get(key)!r} now; a resumed run must repeat the original's flags")
+    before, after = ([run["batch_size"], run["grad_accum"], run["world_size"]] for run in (saved, now))
+    if math.prod(before) != math.prod(after):
+        raise UserError("cannot resume: the global batch was {} rows (--batch-size {} x --grad-accum {} x {} "
+                        "process(es)) in the checkpoint but is {} rows ({} x {} x {}) now; another number of "
+                        "processes may continue a run only with the same global batch, so set --batch-size and "
+                        "--grad-accum to make it {} again".format(math.prod(before), *before, math.prod(after),
+                                                                 *after, math.prod(before)))

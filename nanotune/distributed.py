@@ -7,6 +7,7 @@ torchrun sets RANK (global index), LOCAL_RANK (index on this node), WORLD_SIZE (
 LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process it starts.
 """
 import datetime
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -251,6 +252,19 @@ def is_dtensor(t) -> bool:
 def local(t):
     """This rank's own piece of a tensor: the local shard of an FSDP DTensor, else the tensor."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def shard_rows(t):
+    """(first row, whether this rank writes it to a checkpoint) of an FSDP DTensor's local shard. FSDP2
+    cuts dim 0 as torch.chunk does, ceil(rows / shards) rows each (the last ones shorter or empty);
+    under hybrid sharding every replica group holds the same rows, and only the first writes them."""
+    coordinate, first_row, writes = t.device_mesh.get_coordinate(), 0, True
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard(0):
+            first_row = coordinate[dim] * math.ceil(t.shape[0] / t.device_mesh.size(dim))
+        else:  # Replicate
+            writes = writes and coordinate[dim] == 0
+    return first_row, writes
 
 
 def like(param, shard):

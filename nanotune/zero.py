@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from nanotune import UserError
+from nanotune.checkpoint import even_share
 
 FLAG_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
              "gradient_clipping")
@@ -104,31 +105,62 @@ def ds_full_state_dict(engine, names=None) -> dict:
     return out
 
 
-def ds_master_params(engine, optimizer):
-    """The fp32 tensors our AdamW updates on this rank: ZeRO-3's flat partitions, ZeRO-1/2's one flat
-    partition per group, or (stage 0) the parameters themselves."""
+def ds_pieces(named_trainable, optimizer, world):
+    """(key, global shape, start, 1-D piece) for what this rank writes of each trainable weight and
+    moment, as checkpoint.my_pieces does for the other strategies. nanotune never turns on DeepSpeed's
+    fp16/bf16 optimizers, so ZeRO's fp32 masters hold the parameters' own values. ZeRO-3 holds a
+    partition of each flattened parameter and of its moments, which is written as it is. ZeRO-1/2 keep
+    the parameters whole on every rank but the moments in one flat partition across all of them: each
+    moment is gathered, one parameter at a time (every rank must call), and each rank writes its even
+    share. Every rank thus writes 1/N of the state, and holds at most one gathered moment beside it."""
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_get_local_fp32_param, safe_get_local_optimizer_state
+    keys = [k for k in next(iter(optimizer.state.values())) if k != "step"]  # exp_avg, exp_avg_sq
+    for name, p in named_trainable:
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            start, n = z3_partition(p, world.rank)
+            yield f"param.{name}", p.ds_shape, start, safe_get_local_fp32_param(p)[:n]
+            for k in keys:
+                yield f"adam.{name}.{k}", p.ds_shape, start, safe_get_local_optimizer_state(p, k)[:n]
+        else:
+            yield f"param.{name}", p.shape, *even_share(p.detach().reshape(-1), world.rank, world.size)
+            for k in keys:
+                moment = safe_get_full_optimizer_state(p, k).reshape(-1)
+                yield f"adam.{name}.{k}", p.shape, *even_share(moment, world.rank, world.size)
+
+
+def z3_partition(p, rank):
+    """(start, length) of rank's part of a ZeRO-3 parameter's flattened elements: ceil(numel / ranks)
+    each (p.ds_tensor), the last zero-padded; length leaves the padding out."""
+    size = p.ds_tensor.numel()
+    start = min(rank * size, p.ds_numel)
+    return start, min(size, p.ds_numel - start)
+
+
+def ds_restore_moments(engine, optimizer, named_trainable, pieces, adam_step, rank):
+    """AdamW's moments from a checkpoint (see checkpoint.Pieces), whatever wrote it, into ZeRO-1/2/3's
+    flat fp32 partitions; the weights went in before the engine existed (checkpoint.restore_weights).
+    ZeRO-3 ranks read their own partitions; ZeRO-1/2 ranks read each moment whole (every rank holds
+    the parameters whole anyway) and keep their fragment."""
+    from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_set_full_optimizer_state,
+                                 safe_set_local_optimizer_state)
     zero = engine.optimizer
-    if hasattr(zero, "fp32_partitioned_groups_flat"):
-        return list(zero.fp32_partitioned_groups_flat)
-    if hasattr(zero, "single_partition_of_fp32_groups"):
-        return list(zero.single_partition_of_fp32_groups)
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def ds_optimizer_state(engine, optimizer) -> dict:
-    """This rank's ZeRO partition as flat tensors: fp32 masters, AdamW moments and step."""
-    tensors = {}
-    for i, p in enumerate(ds_master_params(engine, optimizer)):
-        tensors[f"master.{i}"] = p.detach().cpu().contiguous()
-        for key, value in optimizer.state.get(p, {}).items():
-            tensors[f"adam.{i}.{key}"] = value.detach().cpu().contiguous()
-    return tensors
-
-
-def ds_load_optimizer_state(engine, optimizer, tensors):
-    with torch.no_grad():
-        for i, p in enumerate(ds_master_params(engine, optimizer)):
-            p.copy_(tensors[f"master.{i}"])
-            state = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
-            if state:
-                optimizer.state[p] = {k: v.to(p.device) for k, v in state.items()}
+    stage3 = hasattr(zero, "fp32_partitioned_groups_flat")
+    flats = zero.fp32_partitioned_groups_flat if stage3 else zero.single_partition_of_fp32_groups
+    keys = pieces.moments(named_trainable[0][0])
+    for flat in flats:  # our AdamW's state for the flat partitions it updates, filled in below
+        optimizer.state[flat] = {"step": torch.tensor(adam_step, dtype=torch.float32),
+                                 **{k: torch.zeros_like(flat) for k in keys}}
+    if not stage3:  # point each parameter's fragment at that state (DeepSpeed does so after its first step)
+        for group, flat in zip(zero.bit16_groups, flats):
+            lazy_init_hp_params_optimizer_state(group, flat, optimizer.state)
+    for name, p in named_trainable:
+        for k in keys:
+            key = f"adam.{name}.{k}"
+            if stage3:
+                if pieces.shapes[key] != list(p.ds_shape):
+                    raise ValueError(f"{key}: shape {pieces.shapes[key]} in the checkpoint, {list(p.ds_shape)} here")
+                start, n = z3_partition(p, rank)
+                mine = pieces.read(key, start, start + n)
+                safe_set_local_optimizer_state(p, torch.cat([mine, mine.new_zeros(p.ds_tensor.numel() - n)]), k)
+            else:
+                safe_set_full_optimizer_state(p, pieces.mine(key, p), k)

@@ -1,8 +1,10 @@
 """--strategy deepspeed on CPU with gloo: ZeRO-2 and ZeRO-3, LoRA and full fine-tune, 2 processes,
-against DDP with the same global batch; complete saved files; resume. Skipped without deepspeed
-(but for the test of the message a user without it gets)."""
+against DDP with the same global batch; complete saved files; resume, bitwise with the same flags and
+under FSDP on one process. Skipped without deepspeed (but for the test of the message a user
+without it gets)."""
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, run_torchrun, run_train, trajectory
 from nanotune import UserError
+from nanotune.checkpoint import Pieces
 from nanotune.distributed import World
 from nanotune.zero import deepspeed_config, wrap_deepspeed
 from nanotune.lora import load_adapter
@@ -70,6 +73,21 @@ def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tm
         ref = from_pretrained(str(ref_out / "model")).state_dict()
         for key in ref:  # Adam turns float noise in near-zero gradients into steps of up to lr
             torch.testing.assert_close(mine[key], ref[key], atol=2e-3, rtol=0)
+    if stage == 2 and lora:  # ZeRO-2's checkpoint (each rank an even share of the gathered moments) read by
+        # one process under FSDP with twice the accumulation: the same steps, within float noise (measured 2e-7)
+        fsdp = tmp_path / "fsdp"
+        run_train("--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--grad-accum", 4, "--strategy", "fsdp",
+                  "--out", fsdp, "--resume", ds / "checkpoints" / "step-2")
+        assert trajectory(fsdp) == pytest.approx(trajectory(ds)[-len(trajectory(fsdp)):], abs=1e-6, rel=0)
+        mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (fsdp, ds))
+        for key in ref:
+            torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=0)
+    if stage == 3 and lora:  # each rank wrote its partitions of the flattened tensors: put together, DDP's values
+        zero3, ddp_step = (Pieces(o / "checkpoints" / "step-2") for o in (ds, ref_out))
+        assert zero3.shapes == ddp_step.shapes
+        for key, shape in ddp_step.shapes.items():
+            n = math.prod(shape)
+            torch.testing.assert_close(zero3.read(key, 0, n), ddp_step.read(key, 0, n), atol=1e-6, rtol=1e-5)
     if stage == 3 and lora:  # resume from the step-2 checkpoint: same trajectory, same final adapter
         again = tmp_path / "again"
         os.makedirs(again)
