@@ -1,0 +1,506 @@
+"""The GPU figures and CUDA checks in one command, sized for a short lease of one GPU (issue #21).
+
+    python3 bench/gpu_check.py OUT                 # on the GPU machine: 8 minutes at most (--budget 480)
+    python bench/gpu_check.py OUT --tiny           # anywhere: every part at a tiny shape on the CPU (~6 min on 2 cores)
+    python bench/gpu_check.py --make-carry build/gpu_site   # here, before: the bitsandbytes to carry
+
+Each part is one subprocess (bench.py, train.py, pytest, ...) with its own timeout, so one hang
+cannot eat the rest; the parts run cheapest and most important first, and a part whose rough
+need no longer fits in what is left of --budget is skipped, not started. Everything a part prints
+goes to OUT/gpu_check.log as it runs; OUT/gpu_check.json is rewritten after every part: per part
+its command, status (ok, failed, timeout, skipped and why), seconds, the figures parsed from its
+output (bench.py's `json ...` line, pytest's counts, train.py's losses) and each target with its
+value and whether it was met. stdout gets one line per part and a summary at the end.
+
+--tiny runs the same parts at tiny shapes on the CPU (CUDA-only ones skipped with the reason, the
+CUDA tests only collected), so the script is known to work before GPU time is spent; its figures
+and targets mean nothing. --parts picks parts by name, e.g. to finish what a short budget skipped.
+
+The GPU machine has torch, transformers and peft but no bitsandbytes, and no network: --make-carry
+copies this interpreter's bitsandbytes into a folder (only its CPU and CUDA 13 libraries, as that
+machine's torch is cu130: 8 MB), which travels as an ignored path; this script puts build/gpu_site
+on the children's PYTHONPATH when it is there. No part needs deepspeed.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CARRY = os.path.join(ROOT, "build", "gpu_site")  # the carried bitsandbytes (--make-carry)
+KEEP_LIBS = ("libbitsandbytes_cpu", "libbitsandbytes_cuda13")  # the GPU machine's torch is 2.11.0+cu130
+
+SHAPES = {  # bench.py flags; batch 4 (bench's default)
+    "neox-1.4b": ["--hidden", "2048", "--layers", "24", "--heads", "16", "--seq", "2048"],  # Pythia-1.4B
+    "llama-1b": ["--family", "llama", "--hidden", "2048", "--layers", "16", "--heads", "32", "--kv-heads", "8",
+                 "--intermediate", "8192", "--seq", "2048"],  # Llama-3.2-1B; vocabulary 128256 (bench's default)
+    "neox-70m": []}  # bench's default, Pythia-70m: BENCHMARKS.md's CPU table of weight bytes
+TINY_SHAPES = {"neox": ["--hidden", "64", "--layers", "2", "--heads", "4", "--vocab", "512", "--seq", "32",
+                        "--batch", "2"],
+               "llama": ["--family", "llama", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+                         "--intermediate", "128", "--vocab", "512", "--seq", "32", "--batch", "2"]}
+TINY_STEPS = ["--steps", "2", "--warmup", "1", "--block", "1", "--threads", "1"]
+MFU, VS_HF, MEMORY = 0.45, 1.3, 1.0  # the issue's targets: MFU, tokens/s x HF + peft, peak memory x HF + peft
+
+
+class Skip(Exception):
+    """A part that cannot run here; the message says why."""
+
+
+@dataclass
+class Part:
+    name: str
+    need: float  # rough seconds on the H200: the part is not started with less left of the budget
+    timeout: float  # seconds on the H200, before it is killed
+    command: Callable  # (run) -> argv, or raises Skip
+    check: Callable = None  # (run, figures) -> {target: {value, target, met}}
+    parse: Callable = None  # (output) -> figures; bench.py's json line when None
+
+
+class Run:
+    """What every part sees: the mode, the device, the children's environment, the results so far."""
+
+    def __init__(self, args):
+        self.tiny, self.device = args.tiny, "cpu" if args.tiny else "cuda"
+        self.python, self.notes, self.results = sys.executable, [], {}
+        self.work = tempfile.mkdtemp(prefix="gpu_check-")  # out folders; TMPDIR, so killed parts leave nothing
+        paths = [ROOT] + ([CARRY] if os.path.isdir(CARRY) else []) + [os.environ.get("PYTHONPATH", "")]
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "TMPDIR": self.work,
+                    "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}  # the GPU machine has no network
+        self.memory_key = "peak_rss_mb" if self.tiny else "cuda_max_allocated_mb"
+
+    def has(self, *modules):
+        return all(importlib.util.find_spec(m) for m in modules)
+
+    def bench(self, shape, *flags, hf=False, profile=0, steps=(), torchrun=False, device=None):
+        """bench.py at a SHAPES shape on this run's device (or `device`); --tiny: the same flags at a tiny shape."""
+        cmd = [self.python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun \
+            else [self.python]
+        cmd += [os.path.join(HERE, "bench.py"), *flags, "--device", device or self.device]
+        cmd += TINY_SHAPES["llama" if "llama" in shape else "neox"] + TINY_STEPS if self.tiny \
+            else SHAPES[shape] + list(steps)
+        if hf and self.has("transformers", "peft"):
+            cmd.append("--compare-hf")
+        elif hf:
+            self.notes.append("transformers or peft is not importable here: --compare-hf left out")
+        if profile:
+            cmd += ["--profile", str(1 if self.tiny else profile)]
+        return cmd
+
+    def train(self, *flags):
+        """train.py on the bundled tiny model and data, on this run's device, for a few steps."""
+        out = tempfile.mkdtemp(dir=self.work)
+        return [self.python, os.path.join(ROOT, "train.py"), "--out", out, "--overwrite", "--device", self.device,
+                "--max-steps", "4" if self.tiny else "30", "--log-every", "1" if self.tiny else "5",
+                "--eval-exact-match", "0", "--max-seq-len", "64", "--batch-size", "4", *flags]
+
+
+# ---- what each part runs ------------------------------------------------------------------------------
+
+ENV = """import importlib.metadata as m, json, os, sys, time, torch
+out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+       "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+for name in ("transformers", "peft", "bitsandbytes", "deepspeed"):
+    try: out[name] = m.version(name)
+    except m.PackageNotFoundError: out[name] = None
+if out["gpu"]:  # the chip's dense bf16 rate on random data (KINDS.md: ~790 TFLOP/s), bench.py's peaks aside
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3): a @ b
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(10): a @ b
+    torch.cuda.synchronize(); out["bf16_tflops_8192"] = 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+print("json " + json.dumps(out))"""
+
+
+def env_command(run):
+    return [run.python, "-c", ENV]
+
+
+def tests_command(run):
+    """The CUDA tests: this file is a pytest plugin (-p gpu_check, bench/ on the path) that keeps only them."""
+    cmd = ["env", f"PYTHONPATH={HERE}{os.pathsep}{run.env['PYTHONPATH']}", run.python, "-m", "pytest", "-q", "-rfEs",
+           "-p", "gpu_check", "-p", "no:cacheprovider", os.path.join(ROOT, "tests")]
+    if run.tiny:
+        return cmd + ["--collect-only"]  # on a CPU they skip: check what would run
+    return cmd + (["-n", "4"] if run.has("xdist") else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep tests/test_gpu.py and every case of a test function that has a case marked skipif
+    'needs a CUDA GPU' (its CPU cases too: on a GPU machine the tests' run_train(gpu=True) trains on the GPU)."""
+    def cuda_marked(item):
+        return any(m.name == "skipif" and "CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers())
+    functions = {item.nodeid.split("[")[0] for item in items if cuda_marked(item)}
+    keep = [i for i in items if i.nodeid.split("[")[0] in functions or i.nodeid.startswith("tests/test_gpu.py::")]
+    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    items[:] = keep
+
+
+def needs_bnb(run):
+    if not run.has("bitsandbytes"):
+        raise Skip("bitsandbytes is not importable: make build/gpu_site with --make-carry and carry it")
+
+
+def fp16_command(run):
+    if run.tiny:
+        raise Skip("fp16-mixed needs CUDA (train.py refuses --precision 16 on a CPU)")
+    return run.train("--precision", "16")
+
+
+def packing_command(run):
+    with open(os.path.join(ROOT, "train.py")) as f:
+        if '"--packing"' not in f.read():
+            raise Skip("train.py has no --packing yet")
+    return run.train("--packing", "--precision", "bf16")
+
+
+WEIGHT_BYTES = """import json, sys, tempfile, torch
+sys.path.insert(0, "bench")
+import bench  # its model, built as train.py builds it, and its count of the base's bytes
+args, out = bench.parse_args(sys.argv[1:]), {}
+with tempfile.TemporaryDirectory() as tmp:
+    bench.write_model(args, tmp)
+    for args.mode in ("int8", "nf4"):
+        for name, device in (("device", args.device), ("cpu", "cpu")):
+            model, _ = bench.nanotune_model(args, tmp, torch.device(device))
+            out[f"{args.mode} {name}"] = {"base_mb": bench.base_bytes(model) / 2**20,
+                                          "blocks_mb": bench.base_bytes(model.blocks) / 2**20}
+print("json " + json.dumps(out))"""
+
+
+def weight_bytes_command(run):
+    """The int8 and NF4 bases quantized on the device and on the CPU, in one process: the same bytes?"""
+    needs_bnb(run)
+    shape = TINY_SHAPES["neox"] if run.tiny else SHAPES["neox-70m"]
+    return [run.python, "-c", WEIGHT_BYTES, "--device", run.device, *shape]
+
+
+def quantized_command(mode):
+    def command(run):
+        needs_bnb(run)
+        return run.bench("neox-1.4b", "--mode", mode, "--precision", "bf16", hf=True,
+                         steps=["--steps", "3", "--warmup", "1"])
+    return command
+
+
+def compile_command(run):
+    """bench.py --compile times nanotune eager and compiled (nanotune.compile) side by side."""
+    with open(os.path.join(HERE, "bench.py")) as f:
+        if '"--compile"' not in f.read():
+            raise Skip("bench.py has no --compile yet")
+    return run.bench("neox-1.4b", "--mode", "lora-bf16", "--compile", "--no-memory")
+
+
+def read_compile(output):
+    """bench.py's json line, and the first step's seconds of each runner (compiling, for the compiled one)."""
+    first = re.search(r"first step: nanotune ([\d.]+) s, nanotune-compile ([\d.]+) s", output)
+    return json_line(output) | ({"first_step_s": {"eager": float(first[1]), "compile": float(first[2])}}
+                                if first else {})
+
+
+def fsdp_command(mode):
+    def command(run):
+        if mode == "nf4":
+            needs_bnb(run)
+        return run.bench("neox-1.4b", "--mode", mode, "--precision", "bf16", "--strategy", "fsdp", torchrun=True,
+                         steps=["--steps", "6", "--warmup", "2"])
+    return command
+
+
+def generate_smoke_command(run):
+    return [run.python, "-m", "nanotune.generate", "--model", os.path.join(ROOT, "assets", "tiny-neox"),
+            "--prompt", "Reverse the order of these words.", "--input", "cat dog pear fig", "--device", run.device]
+
+
+def generate_command(run):
+    """KV-cache decode tokens/s, nanotune.generate against transformers' generate (fp32, greedy, batch 1
+    and 8, 128 new tokens), at the 1.4B shape."""
+    path = os.path.join(HERE, "generate.py")
+    if not os.path.exists(path):
+        raise Skip("bench/generate.py (tokens/s against transformers' generate) is not there yet")
+    cmd = [run.python, path, "--device", run.device] + (["--compare-hf"] if run.has("transformers") else [])
+    if run.tiny:
+        return cmd + TINY_SHAPES["neox"][:8] + ["--new-tokens", "8", "--rounds", "1", "--threads", "1"]
+    return cmd + SHAPES["neox-1.4b"][:6] + ["--rounds", "3"]
+
+
+# ---- reading the output, and the targets -----------------------------------------------------------------
+
+def json_line(output):
+    lines = [line[5:] for line in output.splitlines() if line.startswith("json ")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def read_pytest_counts(output):
+    """pytest's summary line, e.g. '5 passed, 3 skipped, 342 deselected in 41.2s' or, collecting,
+    '19/350 tests collected (331 deselected) in 5.2s' -> counts."""
+    counts = {}
+    for line in output.splitlines():
+        if re.search(r" in [\d.]+s", line):
+            found = re.findall(r"(\d+) (passed|failed|skipped|deselected|xfailed|xpassed|error)", line)
+            collected = re.search(r"(\d+)(?:/\d+)? tests? collected", line)
+            counts = {word: int(n) for n, word in found} | ({"collected": int(collected[1])} if collected else {})
+    return counts
+
+
+def train_losses(output):
+    """train.py's held-out loss before and after, its logged training losses, fp16's skipped steps."""
+    return {"eval_losses": [float(x) for x in re.findall(r"eval loss ([\d.naninf]+)", output)],
+            "losses": [float(x) for x in re.findall(r"\| loss ([\d.naninf]+)", output)],
+            "overflows": output.count("fp16 gradients overflowed")}
+
+
+def target(value, op, bound):
+    met = None if value is None else {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+    return {"value": value, "target": f"{op} {bound}", "met": met}
+
+
+def tests_check(run, figures):
+    ran = figures.get("passed", 0) + figures.get("collected", 0)
+    return {"all pass": target(figures.get("failed", 0) + figures.get("error", 0), "<=", 0),
+            "some ran": target(ran, ">=", 1)}
+
+
+def loss_check(run, figures):
+    losses = figures.get("eval_losses", [])
+    return {"eval loss after - before": target(losses[-1] - losses[0] if len(losses) > 1 else None, "<", 0)}
+
+
+def hf_check(speed):
+    """MFU and tokens/s against the fastest HF setting (speed) and peak memory against HF's leanest."""
+    def check(run, figures):
+        results = figures.get("results", {})
+        ours, theirs = results.get("nanotune", {}), [v for k, v in results.items() if k.startswith("hf")]
+        out = {"mfu": target(ours.get("mfu"), ">=", MFU)} if speed else {}
+        if theirs and speed:
+            out["tokens/s x HF"] = target(ours["tokens_per_s"] / max(v["tokens_per_s"] for v in theirs), ">=", VS_HF)
+        memories = [v[run.memory_key] for v in theirs if run.memory_key in v]
+        if memories and run.memory_key in ours:
+            out["memory x HF"] = target(ours[run.memory_key] / min(memories), "<=", MEMORY)
+        return out
+    return check
+
+
+def compile_check(run, figures):
+    ours = figures.get("results", {}).get("nanotune-compile", {})
+    out = {"mfu": target(ours.get("mfu"), ">=", MFU)}
+    eager = run.results.get("lora-bf16-1.4b", {}).get("figures", {}).get("results", {})
+    theirs = [v["tokens_per_s"] for k, v in eager.items() if k.startswith("hf")]
+    if theirs and ours:  # against HF + peft (eager, uncompiled), from the part before
+        out["tokens/s x HF"] = target(ours["tokens_per_s"] / max(theirs), ">=", VS_HF)
+    return out
+
+
+def weight_bytes_check(run, figures):
+    return {f"{mode} {key} device/cpu - 1": target(
+        abs(figures[f"{mode} device"][key] / figures[f"{mode} cpu"][key] - 1), "<=", 0.001)
+        for mode in ("int8", "nf4") for key in ("base_mb", "blocks_mb")}
+
+
+PARTS = [  # cheapest and most important first
+    Part("env", 5, 60, env_command),
+    Part("tests", 45, 180, tests_command, tests_check, read_pytest_counts),
+    Part("fp16", 10, 90, fp16_command, loss_check, train_losses),
+    Part("packing", 10, 90, packing_command, loss_check, train_losses),
+    Part("generate-smoke", 5, 60, generate_smoke_command, parse=lambda out: {"text": out.strip()[-200:]}),
+    Part("weight-bytes", 10, 90, weight_bytes_command, weight_bytes_check),
+    Part("lora-bf16-1.4b", 90, 240, lambda run: run.bench("neox-1.4b", "--mode", "lora-bf16", hf=True, profile=3),
+         hf_check(speed=True)),
+    Part("lora-bf16-1.4b-compile", 90, 240, compile_command, compile_check, read_compile),
+    Part("nf4-1.4b", 70, 180, quantized_command("nf4"), hf_check(speed=False)),
+    Part("int8-1.4b", 70, 180, quantized_command("int8"), hf_check(speed=False)),
+    Part("fsdp-1.4b", 40, 120, fsdp_command("lora-bf16")),
+    Part("fsdp-qlora-1.4b", 40, 120, fsdp_command("nf4")),
+    Part("llama-1b", 80, 200, lambda run: run.bench("llama-1b", "--mode", "lora-bf16", hf=True),
+         hf_check(speed=False)),
+    Part("generate", 40, 150, generate_command),
+]
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+
+def run_part(part, run, log, timeout):
+    """Start the part's command in its own process group, its output into the log; kill the group at timeout."""
+    record = {"name": part.name, "status": "skipped"}
+    try:
+        notes = len(run.notes)
+        cmd = part.command(run)
+        record["notes"] = run.notes[notes:]
+    except Skip as e:
+        return {**record, "reason": str(e)}
+    record["command"] = " ".join(cmd)
+    log.write(f"\n===== {part.name}: {record['command']}\n")
+    log.flush()
+    start, offset = time.time(), os.path.getsize(log.name)
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=run.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    except OSError as e:
+        return {**record, "status": "failed", "reason": f"could not start: {e}"}
+    try:
+        proc.wait(timeout=timeout)
+        record["status"] = "ok" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the group: bench.py's memory children, torchrun's ranks
+            with_group(proc.pid, sig)
+            try:
+                proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        record["status"] = "timeout"
+    record.update(returncode=proc.returncode, seconds=round(time.time() - start, 1), timeout_s=round(timeout))
+    log.flush()
+    with open(log.name, "rb") as f:
+        f.seek(offset)
+        output = f.read().decode(errors="replace")
+    try:
+        record["figures"] = (part.parse or json_line)(output)
+        record["targets"] = part.check(run, record["figures"]) if part.check else {}
+    except (ValueError, KeyError, ZeroDivisionError) as e:  # output cut short or malformed
+        record.update(figures=record.get("figures", {}), targets={}, parse_error=repr(e))
+    return record
+
+
+def with_group(pid, sig):
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def headline(record):
+    """One line of a part's figures for stdout."""
+    figures, bits, nan = record.get("figures", {}), [], float("nan")
+    results = figures.get("results", {})
+    for name, r in results.items() if isinstance(results, dict) else ():  # bench.py's runners
+        bits.append(f"{name} {r.get('tokens_per_s', nan):.0f} tok/s MFU {r.get('mfu', nan):.1%}"
+                    + (f" {r['cuda_max_allocated_mb']:.0f} MB" if "cuda_max_allocated_mb" in r else "")
+                    + (f" base {r['base_mb']:.1f} MB, blocks {r['blocks_mb']:.1f} MB" if "base_mb" in r else ""))
+    for r in results if isinstance(results, list) else ():  # bench/generate.py's rows
+        bits.append(f"{r.get('runner')} batch {r.get('batch')} {r.get('decode_tokens_per_s', nan):.0f} decode tok/s")
+    if "first_step_s" in figures:
+        bits.append(f"first step {figures['first_step_s']}")
+    if "results" not in figures:  # bench.py's other keys only repeat its flags
+        bits += [f"{k} {v}" for k, v in figures.items() if not isinstance(v, (dict, list))]
+        bits += [f"{k}: base {v['base_mb']:.1f} MB, blocks {v['blocks_mb']:.1f} MB" for k, v in figures.items()
+                 if isinstance(v, dict) and "base_mb" in v]
+    bits += [f"{name} {t['value'] if not isinstance(t['value'], float) else round(t['value'], 3)} "
+             f"({t['target']}: {'met' if t['met'] else 'MISSED' if t['met'] is False else 'n/a'})"
+             for name, t in record.get("targets", {}).items()]
+    return "; ".join(bits)[:400]
+
+
+@contextlib.contextmanager
+def cleanup(folder):
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_json(path, report):
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def main(args, all_parts=PARTS):
+    unknown = set(args.parts or ()) - {p.name for p in all_parts}
+    if unknown:
+        sys.exit(f"--parts: no part named {', '.join(sorted(unknown))}; "
+                 f"the parts: {', '.join(p.name for p in all_parts)}")
+    parts = [p for p in all_parts if not args.parts or p.name in args.parts]
+    os.makedirs(args.out, exist_ok=True)
+    run = Run(args)
+    if os.path.isdir(CARRY):
+        sys.path.insert(0, CARRY)  # so that run.has("bitsandbytes") sees what the children will import
+    report = {"tiny": run.tiny, "device": run.device, "budget_s": args.budget, "root": ROOT,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": []}
+    json_path, start = os.path.join(args.out, "gpu_check.json"), time.time()
+    with open(os.path.join(args.out, "gpu_check.log"), "w") as log, cleanup(run.work):
+        for part in parts:
+            left = args.budget - (time.time() - start)
+            need = 1 if run.tiny else part.need
+            if left < need:
+                record = {"name": part.name, "status": "skipped",
+                          "reason": f"budget: {left:.0f} s left, the part needs about {need:.0f} s"}
+            else:
+                record = run_part(part, run, log, min(part.timeout, left))
+            run.results[part.name] = record
+            report["parts"].append(record)
+            report["seconds"] = round(time.time() - start, 1)
+            report["targets_met"] = {f"{r['name']}: {name}": t["met"] for r in report["parts"]
+                                     for name, t in r.get("targets", {}).items()}
+            write_json(json_path, report)
+            try:
+                line = record.get("reason") or headline(record)
+            except (KeyError, TypeError, ValueError) as e:  # a figure of an unexpected form: the JSON has it all
+                line = f"(figures not summarised: {e!r})"
+            print(f"{part.name:<24} {record['status']:<8} {record.get('seconds', 0):>6.1f} s  {line}", flush=True)
+            log.write(f"----- {part.name}: {record['status']} {json.dumps(record)}\n")
+            log.flush()
+            if part.name == "env" and record["status"] == "ok" and not run.tiny and not record["figures"].get("gpu"):
+                print("no CUDA GPU is visible here (see env): the parts would only fail; on a CPU use --tiny")
+                break
+    missed = [k for k, met in report["targets_met"].items() if met is False]
+    print(f"\n{len(parts)} parts in {report['seconds']:.0f} s (budget {args.budget:.0f} s); "
+          f"{sum(r['status'] == 'ok' for r in report['parts'])} ok; targets missed: {', '.join(missed) or 'none'}")
+    print(f"log {os.path.join(args.out, 'gpu_check.log')}, figures {json_path}")
+
+
+def make_carry(folder):
+    """Copy this interpreter's bitsandbytes (its files and dist-info, which transformers' version check
+    reads) into `folder`, keeping only the libraries the GPU machine can load."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        dist = distribution("bitsandbytes")
+    except PackageNotFoundError:
+        sys.exit("--make-carry copies this interpreter's bitsandbytes, and it has none: pip install bitsandbytes")
+    total = 0
+    for file in dist.files:
+        name = str(file)
+        lib = os.path.basename(name).startswith("libbitsandbytes_")
+        if name.startswith("..") or "__pycache__" in name or (lib and not name.split("/")[-1].startswith(KEEP_LIBS)):
+            continue
+        dest = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(dist.locate_file(file), dest)
+        total += os.path.getsize(dest)
+    print(f"bitsandbytes {dist.version} in {folder}: {total / 2**20:.1f} MB; carry it (run's carry: "
+          f"[\"{os.path.relpath(folder, ROOT)}\"])")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", nargs="?", help="folder for gpu_check.log and gpu_check.json")
+    p.add_argument("--tiny", action="store_true", help="every part at a tiny shape on the CPU (CUDA-only ones skipped)")
+    p.add_argument("--budget", type=float, help="seconds for all parts: no part is started whose need exceeds what "
+                   "is left, and none runs past it (default: 480, with --tiny 1200)")
+    p.add_argument("--parts", type=lambda s: s.split(","), help="comma-separated part names to run, in the usual "
+                   "order (default: all): " + ", ".join(p.name for p in PARTS))
+    p.add_argument("--make-carry", metavar="DIR", help="copy this interpreter's bitsandbytes into DIR and exit")
+    args = p.parse_args(argv)
+    args.budget = args.budget or (1200 if args.tiny else 480)
+    if not args.make_carry and not args.out:
+        p.error("give the folder for the log and the JSON (or --make-carry DIR)")
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.make_carry:
+        make_carry(args.make_carry)
+    else:
+        main(args)
