@@ -21,15 +21,18 @@ import torch
 from nanotune import UserError
 from nanotune.checkpoint import atomic_dir, damaged, find_checkpoint, read_trainer, restore, restore_weights, save
 from nanotune.checks import check_adapter_flags, check_args, check_combination, check_resume
-from nanotune.data import Batches, collate, load_examples, show, split
+from nanotune.compile import compile_blocks
+from nanotune.data import Batches, collate, show, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
-                                  full_state_dict, grad_sync, load_device, print0, wrap_ddp, wrap_fsdp)
+                                  full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
-from nanotune.models import from_pretrained, save_pretrained
+from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, parse_size, save_pretrained
+from nanotune.plot import report
 from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
 from nanotune.quantize import quant_bits, quantize
+from nanotune.store import load_store
 from nanotune.templates import NAMES as TEMPLATES, export, load_template
 from nanotune.tokenizer import load_tokenizer
 from nanotune.zero import deepspeed_config, wrap_deepspeed
@@ -60,6 +63,10 @@ def parse_args(argv=None):
       "(alpaca for a folder without one); built-ins for base models: " + ", ".join(TEMPLATES[1:]))
     a("--train-on-prompt", action="store_true", help="also train on prompt tokens, not only responses")
     a("--mask-history", action="store_true", help="train only on the last assistant turn of each conversation")
+    a("--packing", action="store_true", help="pack rows into sequences of --max-seq-len tokens, each row attending "
+      "only to itself: no padding (for data of rows of varied length)")
+    a("--data-cache", help="folder of tokenized stores, reused by runs with the same data, tokenizer and data "
+      "flags (None: OUT/data-cache)")
     a = p.add_argument_group("LoRA").add_argument
     a("--lora", action=argparse.BooleanOptionalAction, default=True, help="LoRA; --no-lora fine-tunes every weight")
     a("--lora-r", type=int, default=8, help="rank r of the update B A")
@@ -76,6 +83,10 @@ def parse_args(argv=None):
     a("--lora-layers", type=int, nargs="+", help="adapt only these block indices (None: every block)")
     a("--adapter", help="start from this PEFT-format adapter folder instead of a fresh LoRA")
     a("--merge", action="store_true", help="also write OUT/merged: the base with the adapter folded in")
+    a("--save-dtype", choices=list(SAVE_DTYPES), help="dtype of the weights in OUT/model and OUT/merged (None: the "
+      "--model checkpoint's own, as transformers saves)")
+    a("--max-shard-size", default=MAX_SHARD_SIZE, help="OUT/model and OUT/merged are split into "
+      "model-0000X-of-0000N.safetensors files of at most this size, as transformers splits (5GB, 500MB, 2GiB)")
     a = p.add_argument_group("optimisation").add_argument
     a("--max-steps", type=int, default=-1, help="optimizer steps (-1: --epochs passes over the data)")
     a("--epochs", type=float, default=4, help="passes over the training rows, when --max-steps is -1")
@@ -87,6 +98,8 @@ def parse_args(argv=None):
     a("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (0: no clipping)")
     a("--grad-checkpoint", action="store_true", help="keep only each block's input and recompute its "
       "activations in the backward: activation memory of one block instead of all, ~1/3 more compute")
+    a("--compile", action="store_true", help="torch.compile each transformer block: faster steps after compiling "
+      "for tens of seconds to minutes at the start (README: when it pays)")
     a("--seed", type=int, default=42, help="seed for LoRA init, data order and dropout")
     a("--precision", default="32", choices=PRECISIONS, help="32 | bf16 (bf16-mixed) | 16 (fp16-mixed) | bf16-true")
     a = p.add_argument_group("quantized base (needs bitsandbytes: pip install nanotune[int8])").add_argument
@@ -116,7 +129,8 @@ def parse_args(argv=None):
     a("--log-every", type=int, default=10, help="print and record the training loss every N steps")
     a("--eval-every", type=int, default=50, help="evaluate every N steps (0: only at the end)")
     a("--eval-exact-match", type=int, default=64,
-      help="held-out rows scored by greedy generation == reference, before and after training (0: off)")
+      help="held-out rows scored by greedy generation == reference, before and after training (0: off); "
+      "generated --batch-size rows at a time with a KV cache")
     return p.parse_args(argv)
 
 
@@ -129,7 +143,8 @@ def main(args):
         compute_cleanup()
     if args.merge and world.is_main:  # after the group is gone, so no rank waits (and times out) while rank 0 merges
         merge_adapter(args.model, os.path.join(args.out, "adapter"), os.path.join(args.out, "merged"),
-                      args.num_layers, quant_bits(args), args.double_quant, args.template)
+                      args.num_layers, quant_bits(args), args.double_quant, args.template,
+                      SAVE_DTYPES.get(args.save_dtype), parse_size(args.max_shard_size))
         print(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)", flush=True)
 
 
@@ -165,14 +180,16 @@ def train(args, world):
            f"({100 * n_train / n_all:.2f}%); precision {precision.name}; strategy {world.strategy}{zero}, "
            f"{world.size} process(es) on {world.device.type}")
 
-    # Data: tokenized once, then read in a seeded order that is a pure function of the step.
+    # Data: tokenized once into a memory-mapped store, then read in a seeded order that is a pure
+    # function of the step: rows, or with --packing sequences of --max-seq-len tokens packed with rows.
     train_rows, val = load_data(args, template)
     print0(f"the first row as the model sees it, {'trained tokens in [[brackets]]'} (template {args.template}):\n"
            + show(train_rows[0], tokenizer, color=False))
     batches = Batches(train_rows, args.batch_size, args.grad_accum, world.size, world.rank, args.seed,
-                      tokenizer.pad_id)
+                      tokenizer.pad_id, seq_len=args.max_seq_len if args.packing else None)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
-    print0(f"training: {len(train_rows)} rows, {len(val)} held out; global batch {batches.global_batch} rows "
+    unit = f"sequences of {args.max_seq_len} tokens (packed from {len(train_rows)} rows)" if args.packing else "rows"
+    print0(f"training: {len(train_rows)} rows, {len(val)} held out; global batch {batches.global_batch} {unit} "
            f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {world.size} process(es); "
            f"{total} steps")
 
@@ -181,46 +198,55 @@ def train(args, world):
     if checkpoint:
         print0(f"resumed from {checkpoint} at step {start_step}")
     metrics = Metrics(args.out, world.is_main, start_step if checkpoint else -1 if args.resume else None)
-    scored = [ex for ex in val if ex.prompt][:args.eval_exact_match]
+    scored = val.scored(args.eval_exact_match, template) if val else []
     if not checkpoint:
         report_eval(wrapped, val, scored, 0, "before training", args, template, world, precision, metrics)
 
-    clock, tokens_seen = time.time(), 0
+    clock, tokens_seen, trained_seen = time.time(), 0, 0
     for step in range(start_step, total):
         lr = lr_at(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro, n_tokens = batches.step(step)
         step_loss = 0.0
-        for i, (input_ids, labels) in enumerate(micro):
+        for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, documents)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
             # Dividing by the global batch's token count (times the world size, since DDP and FSDP
             # average gradients over ranks) makes the gradient the mean over every trained token of
             # the step, however rows are split over micro-batches and ranks.
             with precision.context(world.device):
-                loss = wrapped(input_ids.to(world.device), labels.to(world.device)) * (world.size / n_tokens)
+                loss = wrapped(*(t.to(world.device) for t in batch)) * (world.size / n_tokens)
             if world.strategy == "deepspeed":  # our loss is already scaled for accumulation; step() on every
                 wrapped.backward(loss, scale_wrt_gas=False)  # micro-batch, the engine updates on the last
                 wrapped.step()
             else:
                 scaler.scale(loss).backward()
             step_loss += loss.item() / world.size
-            tokens_seen += input_ids.numel() * world.size
+            tokens_seen += batch[0].numel() * world.size  # computed positions, padding included
+        trained_seen += n_tokens
         step_loss = all_reduce_sum([step_loss])[0]
         if not math.isfinite(step_loss):
             last_good = find_checkpoint(args.out, "latest")
             raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
                             f"{last_good or 'none'}. Lower --lr, or use --precision 32 or bf16")
-        if world.strategy != "deepspeed":  # DeepSpeed clipped and stepped inside wrapped.step()
-            optimizer_step(optimizer, scaler, [p for _, p in named_trainable], args.max_grad_norm, step)
+        if world.strategy != "deepspeed":
+            grad_norm = optimizer_step(optimizer, scaler, [p for _, p in named_trainable], args.max_grad_norm, step)
+        else:  # DeepSpeed clipped and stepped inside wrapped.step()
+            norm = wrapped.get_global_grad_norm()
+            grad_norm = math.nan if norm is None else float(norm)
 
         done = step + 1
+        if args.compile and done == start_step + 1:  # the step that compiled: what it cost, said once
+            print0(f"--compile: step {done} took {time.time() - clock:.1f}s, compiling the blocks included")
         if done % args.log_every == 0 or done == total:
             elapsed = time.time() - clock
-            metrics.log(f"step {done}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | "
-                        f"{tokens_seen / elapsed:.0f} tok/s | {elapsed:.0f}s elapsed, "
+            metrics.log(f"step {done}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                        f"{tokens_seen / elapsed:.0f} tok/s, {trained_seen / elapsed:.0f} trained tok/s "
+                        f"({trained_seen / tokens_seen:.0%} of computed) | {elapsed:.0f}s elapsed, "
                         f"ETA {elapsed / (done - start_step) * (total - done):.0f}s",
-                        step=done, loss=step_loss, lr=lr, tokens_per_s=tokens_seen / elapsed)
+                        step=done, loss=step_loss, lr=lr, tokens_per_s=tokens_seen / elapsed,
+                        grad_norm=grad_norm if math.isfinite(grad_norm) else None,  # JSON has no inf or nan
+                        trained_tokens_per_s=trained_seen / elapsed, padding_efficiency=trained_seen / tokens_seen)
         if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
             report_eval(wrapped, val, [], done, f"step {done}", args, template, world, precision, metrics)
         if args.save_every and done % args.save_every == 0 and done < total:
@@ -237,9 +263,10 @@ def train(args, world):
             if name == "adapter":
                 save_adapter(model, tmp, state)
             else:  # a whole model: with the tokenizer files, and the chat template and stop ids training used
-                save_pretrained(model, tmp, state)
+                save_pretrained(model, tmp, state, SAVE_DTYPES.get(args.save_dtype), parse_size(args.max_shard_size))
                 export(template, tmp)
         print0(f"saved {os.path.join(args.out, name)}")
+        print0(report(args.out))  # OUT/loss.png
     barrier()
 
 
@@ -299,6 +326,8 @@ def wrap(model, args, world, precision, checkpoint):
                  all-reduce gradients from backward hooks.
       DeepSpeed  takes the model and the optimizer and wraps both: ZeRO copies the weights it is given
                  into its fp32 partitions, so a resumed run restores its weights before that."""
+    if args.compile:  # in place, before FSDP shards the blocks (as the PyTorch docs order it): nanotune.compile
+        compile_blocks(model)
     if world.strategy == "fsdp":  # rank 0's full state lives only for the call: each rank then keeps its shards
         model = wrap_fsdp(model, world, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload,
                           precision.autocast_dtype, model.state_dict() if world.is_main else None)
@@ -318,9 +347,11 @@ def wrap(model, args, world, precision, checkpoint):
 
 
 def load_data(args, template):
-    """(training rows, held-out rows): --val-data, or a seeded --val-fraction of --data."""
+    """(training rows, held-out rows), views of tokenized stores (nanotune.store): --val-data, or a seeded
+    --val-fraction of --data."""
     def load(path):
-        return load_examples(path, template, args.max_seq_len, args.train_on_prompt, args.mask_history, log=print0)
+        return load_store(path, template, args.model, args.data_cache or os.path.join(args.out, "data-cache"),
+                          args.max_seq_len, args.train_on_prompt, args.mask_history, log=print0)
     examples = load(args.data)
     if args.val_data:
         return examples, load(args.val_data)
@@ -340,28 +371,34 @@ def lr_at(step, args, total):
 
 
 def optimizer_step(optimizer, scaler, params, max_grad_norm, step):
-    """Unscale (fp16), clip, step, and clear the gradients. A disabled scaler (every mode but fp16)
-    passes each call through."""
+    """Unscale (fp16), clip, step, and clear the gradients; return the gradient norm before clipping.
+    A disabled scaler (every mode but fp16) passes each call through."""
     scaler.unscale_(optimizer)
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    # The norm over every trained parameter (all shards, under FSDP); a limit of inf measures without clipping.
+    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf))
     scale = scaler.get_scale()
     scaler.step(optimizer)  # fp16: skips the step if a gradient overflowed, then lowers the scale
     scaler.update()
     if scaler.get_scale() < scale:
         print0(f"step {step + 1}: fp16 gradients overflowed; step skipped, loss scale now {scaler.get_scale()}")
     optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
+@torch.compiler.set_stance("force_eager")
 def report_eval(model, val, scored, step, when, args, template, world, precision, metrics):
-    """Log the held-out loss (if `val`) and the exact-match score (if `scored`) at `step`."""
+    """Log the held-out loss (if `val`) and the exact-match score (if `scored`) at `step`, with the blocks
+    eager under --compile: a no-grad forward, and generation at each cached length, would compile again."""
     if val:
         val_loss = evaluate(model, val, args.batch_size, template.tokenizer.pad_id, world, precision)
         metrics.log(f"{when}: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
                     step=step, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))
     if scored:
-        acc = exact_match(model, scored, template, world, precision)
-        metrics.log(f"{when}: exact match {acc:.1%} on {len(scored)} held-out rows", step=step, exact_match=acc)
+        clock = time.time()
+        acc = exact_match(model, scored, template, world, precision, args.batch_size, args.max_seq_len)
+        seconds = time.time() - clock
+        metrics.log(f"{when}: exact match {acc:.1%} on {len(scored)} held-out rows ({seconds:.1f}s)", step=step,
+                    exact_match=acc, exact_match_seconds=seconds)
 
 
 @torch.no_grad()
@@ -370,7 +407,7 @@ def evaluate(model, examples, batch_size, pad_id, world, precision):
     Shares are padded to equal length with a row that trains nothing, so under FSDP every rank
     runs the same number of forwards (each one is a collective)."""
     model.eval()
-    mine = examples[world.rank::world.size]
+    mine = [examples[i] for i in range(world.rank, len(examples), world.size)]
     blank = type(examples[0])(examples[0].tokens, [False] * len(examples[0].tokens), [], "")
     mine += [blank] * (math.ceil(len(examples) / world.size) - len(mine))
     total, count = 0.0, 0
@@ -385,16 +422,30 @@ def evaluate(model, examples, batch_size, pad_id, world, precision):
 
 
 @torch.no_grad()
-def exact_match(model, examples, template, world, precision):
+def exact_match(model, examples, template, world, precision, batch_size, max_seq_len):
     """Share of rows whose greedy answer equals the reference response exactly (spaces around it aside).
+    Rows go through cached generation batch_size at a time, and a row stops as soon as it cannot match:
+    when its text so far is no prefix of the reference (an unfinished UTF-8 character at its end aside),
+    when it has as many tokens as the reference plus 4, or when it fills max_seq_len with its prompt
+    (training cut every row there: the model never learned to go on). A batch ends when all its rows
+    have stopped, so a model that is wrong early costs a few steps per row, not a whole answer.
     Every rank generates for every row: a sharded model needs all ranks in each forward."""
     model.eval()
-    hits, tokenizer = 0, template.tokenizer
-    for ex in examples:
-        answer_len = len(tokenizer.encode(ex.reference))
+    tokenizer = template.tokenizer
+    references = [ex.reference.strip() for ex in examples]
+    budget = [max(1, min(len(tokenizer.encode(ex.reference)) + 4, max_seq_len - len(ex.prompt))) for ex in examples]
+    order = sorted(range(len(examples)), key=budget.__getitem__)  # a batch's rows need about as many steps
+
+    def may_match(i, ids):
+        """Can example i, having generated `ids`, still equal its reference?"""
+        return len(ids) < budget[i] and references[i].startswith(tokenizer.decode(ids).rstrip("\ufffd").strip())
+    hits = 0
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
         with precision.context(world.device):
-            new = generate(model, ex.prompt, max_new_tokens=answer_len + 4, eos=template.stop_ids)
-        hits += tokenizer.decode(new).strip() == ex.reference.strip()
+            new = generate(model, [examples[i].prompt for i in rows], max(budget[i] for i in rows),
+                           eos=template.stop_ids, keep=lambda row, ids: may_match(rows[row], ids))
+        hits += sum(tokenizer.decode(ids).strip() == references[i] for i, ids in zip(rows, new))
     model.train()
     return hits / max(len(examples), 1)
 

@@ -205,7 +205,7 @@ def main():
     model.eval()
     template = render(rows[0]).split("### Response:\n")[0] + "### Response:\n"
     for prompt in ("reverse: owl cat fig ->", "Q: How many words does egg tea nut rice have?\nA:", template):
-        print(f"  {prompt!r} -> {tok.decode(generate(model, tok.encode(prompt).ids, 12, eos=eos))!r}")
+        print(f"  {prompt!r} -> {tok.decode(generate(model, [tok.encode(prompt).ids], 12, eos=eos)[0])!r}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python bench/bench.py --mode lora-fp32 --compare-hf         # side by side with GPTNeoXForCausalLM + peft
     python bench/bench.py --mode nf4 --hidden 768 --layers 12 --heads 12 --seq 512
     python bench/bench.py --family llama --kv-heads 2 --compare-hf  # Llama-3.2-1B's proportions, LlamaForCausalLM
+    python bench/bench.py --mode lora-bf16 --compile --profile 3    # eager and compiled nanotune; where a step goes
 
 What one run does:
   1. Builds a random model of the requested family and shape (seeded) and writes it once with
@@ -12,11 +13,13 @@ What one run does:
      Pythia's layout; --family llama has Llama 3.2's proportions (SwiGLU MLP 4 x hidden, grouped-query
      attention, vocabulary 128256, the head tied to the embedding, rope_theta 500000). LoRA goes on
      the family's default targets (PEFT's): query_key_value for GPT-NeoX, q_proj and v_proj for Llama.
-  2. Speed, in this process: each runner (nanotune; with --compare-hf also transformers +
-     peft, in its bf16 variants) is built exactly as its users would build it, runs --warmup
-     untimed steps, then the runners take turns running --block timed steps each until every one has
-     run --steps. Interleaving spreads the noise of a shared machine evenly over the frameworks,
-     so the ratios stay meaningful even when the absolute numbers drift. Besides tokens per
+  2. Speed, in this process: each runner (nanotune; with --compile also nanotune with its blocks
+     compiled as train.py --compile compiles them; with --compare-hf also transformers + peft, in
+     its bf16 variants) is built exactly as its users would build it, runs --warmup untimed steps
+     (with --compile the first step of each is printed: the compiled runner's compiles), then the
+     runners take turns running --block timed steps each until every one has run --steps.
+     Interleaving spreads the noise of a shared machine evenly over the frameworks, so the
+     ratios stay meaningful even when the absolute numbers drift. Besides tokens per
      wall-clock second the table gives tokens per CPU-second of the process (user + system time),
      which another program on the same cores disturbs far less; with --threads 1 it is the
      steadier ratio on a shared machine.
@@ -64,6 +67,7 @@ import torch
 
 import torch.nn as nn
 
+from nanotune.compile import compile_blocks
 from nanotune.lora import inject_lora
 from nanotune.models import from_pretrained, gpt_neox, llama, save_pretrained
 from nanotune.precision import cast_frozen, resolve
@@ -101,6 +105,8 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=2, help="untimed steps per runner first (default: %(default)s)")
     a("--block", type=int, default=3, help="steps a runner runs before the next takes its turn (default: %(default)s)")
     a("--compare-hf", action="store_true", help="also train the same model in transformers + peft")
+    a("--compile", action="store_true", help="also time nanotune with train.py's --compile (each block compiled, "
+      "nanotune.compile) beside eager nanotune in the same run; with --strategy, only compiled")
     a("--no-memory", action="store_true", help="skip the per-runner subprocesses that measure peak memory")
     a("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps of each runner "
       "with torch.profiler and print the top operators by self time")
@@ -252,9 +258,11 @@ def nanotune_model(args, path, device):
     return cast_frozen(model, precision).to(device).train(), precision
 
 
-def build_nanotune(args, path, device):
+def build_nanotune(args, path, device, name="nanotune"):
     model, precision = nanotune_model(args, path, device)
-    return Runner("nanotune", model, lambda: precision.context(device), precision.compute_dtype, hf=False)
+    if name == "nanotune-compile":
+        compile_blocks(model)
+    return Runner(name, model, lambda: precision.context(device), precision.compute_dtype, hf=False)
 
 
 def hf_variants(args, device):
@@ -294,7 +302,9 @@ def build_hf(args, path, device, name):
 
 
 def build(args, path, device, name):
-    return build_nanotune(args, path, device) if name == "nanotune" else build_hf(args, path, device, name)
+    if name.startswith("nanotune"):
+        return build_nanotune(args, path, device, name)
+    return build_hf(args, path, device, name)
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -350,7 +360,9 @@ def memory_children(args, names):
 
 # ---- the parent: interleaved timing, table ---------------------------------------------------------
 
-def profile(runner, batch_list, steps, device):
+def profile(runner, batch_list, steps, device, gemm_flops):
+    """The top operators by self time, then the step by family of operator (op_family); gemm_flops: the
+    Linear layers' FLOPs per step, whose rate the GEMMs' line gives (to set against the matmul peak)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
@@ -360,6 +372,41 @@ def profile(runner, batch_list, steps, device):
     print(f"\n== profile: {runner.name}, {steps} steps ==")
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"  # CPU time on CUDA is launches
     print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=40))
+    families = {}
+    for event in prof.events():
+        family = op_family(event)
+        families[family] = families.get(family, 0) + getattr(event, sort) / 1e3 / steps  # ms per step
+    total = sum(families.values())
+    print(f"by family, {'GPU' if device.type == 'cuda' else 'CPU'} ms per step:")
+    for family, ms in sorted(families.items(), key=lambda kv: -kv[1]):
+        rate = f" ({gemm_flops / ms / 1e6:.0f} GFLOP/s)" if family == "GEMMs" and ms else ""
+        print(f"  {family + rate:<64} {ms:8.1f} {ms / total:6.1%}")
+    print(f"  {'total':<64} {total:8.1f}")
+
+
+def op_family(event):
+    """Where a profiled operator's self time goes: its family, by its name and its callers'."""
+    name, callers, parent = event.name, [], event.cpu_parent
+    while parent is not None:
+        callers.append(parent.name)
+        parent = parent.cpu_parent
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "GEMMs"
+    if "attention" in name:
+        return "attention (SDPA's kernels)"
+    if "LinearCrossEntropy" in callers or any(s in name for s in ("softmax", "nll_loss", "cross_entropy")):
+        return "the loss around the head's GEMMs (softmax passes, casts, fills)"
+    if "_foreach_" in name or any(c.startswith("Optimizer.") for c in callers):
+        return "AdamW and gradient clipping"
+    if "Compiled" in name or "TorchDynamo" in name:
+        return "compiled blocks: inductor's fused kernels"
+    if name in ("aten::copy_", "aten::_to_copy"):
+        return "casts (autocast's, .to(dtype))"
+    if "norm" in name:
+        return "norms"
+    if any(s in name for s in ("gelu", "silu", "sigmoid")):
+        return "activations"
+    return "the rest: rotary, residual adds, RMSNorm's parts, embedding, fills"
 
 
 def run_distributed(args):
@@ -371,12 +418,14 @@ def run_distributed(args):
         write_model(args, tmp)
         model, precision = nanotune_model(args, tmp, world.device)
     flops, shapes = flops_per_token(model, args.seq), linear_shapes(model)
+    if args.compile:  # before the wrapper, as train.py does
+        compile_blocks(model)
     if world.strategy == "ddp":
         model = wrap_ddp(model, world)
     else:
         model = wrap_fsdp(model, world, autocast_dtype=precision.autocast_dtype, full_state=model.state_dict())
-    runner = Runner(f"nanotune {world.strategy} x{world.size}", model, lambda: precision.context(world.device),
-                    precision.compute_dtype, hf=False)
+    name = f"nanotune{'-compile' if args.compile else ''} {world.strategy} x{world.size}"
+    runner = Runner(name, model, lambda: precision.context(world.device), precision.compute_dtype, hf=False)
     args.seed += world.rank
     batch_list = batches(args)
     for i in range(args.warmup + args.steps):
@@ -400,7 +449,7 @@ def main(args):
     batch_list = batches(args)
     if args.only:
         return measure_memory(args, device, batch_list)
-    names = ["nanotune"]
+    names = ["nanotune"] + (["nanotune-compile"] if args.compile else [])
     if args.compare_hf:
         try:
             import peft  # noqa: F401
@@ -414,9 +463,14 @@ def main(args):
         memory = {} if args.no_memory else memory_children(args, names)
         runners = [build(args, tmp, device, name) for name in names]
         flops, shapes = flops_per_token(runners[0].model, args.seq), linear_shapes(runners[0].model)
-        for r in runners:  # warm-up: first-call allocations, oneDNN kernel selection
+        first = {}  # each runner's first step (wall seconds): nanotune-compile's includes compiling
+        for r in runners:  # warm-up: first-call allocations, oneDNN kernel selection, compilation
             for i in range(args.warmup):
-                r.step(*(t.to(device) for t in batch_list[i % len(batch_list)]))
+                wall, _ = r.step(*(t.to(device) for t in batch_list[i % len(batch_list)]))
+                first.setdefault(r.name, wall)
+        if args.compile and "nanotune" in first:
+            print(f"first step: nanotune {first['nanotune']:.1f} s, nanotune-compile {first['nanotune-compile']:.1f} s "
+                  "(compiling the blocks' forward and backward)")
         done = 0
         while done < args.steps:  # take turns, reversing the order each round
             n = min(args.block, args.steps - done)
@@ -427,8 +481,9 @@ def main(args):
                     r.cpu_times.append(cpu)
             done += n
         if args.profile:
+            gemm_flops = flops_per_token(runners[0].model, 0) * args.batch * args.seq  # seq 0: Linears only
             for r in runners:
-                profile(r, batch_list, args.profile, device)
+                profile(r, batch_list, args.profile, device, gemm_flops)
 
     report(args, runners, flops, shapes, memory, device)
 
@@ -468,15 +523,20 @@ def report(args, runners, flops, shapes, memory, device, world_size=1):
         results["nanotune"].update(base_mb=whole / 2**20, blocks_mb=blocks / 2**20)
         print(f"\nnanotune's base weights as this mode stores them: {whole / 2**20:.1f} MB, "
               f"of which the transformer blocks {blocks / 2**20:.1f} MB")
-    if len(runners) > 1:
-        best = max(runners[1:], key=lambda r: results[r.name]["tokens_per_s"])
-        nt, hf = results["nanotune"], results[best.name]
-        print(f"\nnanotune / {best.name} (the fastest HF setting): "
+    ours, theirs = [r.name for r in runners if not r.hf], [r.name for r in runners if r.hf]
+    pairs = [("nanotune-compile", "nanotune", "eager")] if "nanotune-compile" in ours else []
+    if theirs:
+        best = max(theirs, key=lambda name: results[name]["tokens_per_s"])
+        pairs += [(name, best, "the fastest HF setting") for name in ours]
+    for a, b, what in pairs:
+        nt, hf = results[a], results[b]
+        print(f"\n{a} / {b} ({what}): "
               f"tokens/s x{nt['tokens_per_s'] / hf['tokens_per_s']:.2f}"
               f", tokens per CPU-second x{nt['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}"
               + (f", peak RSS x{nt['peak_rss_mb'] / hf['peak_rss_mb']:.2f}, "
                  f"train RSS x{nt['train_rss_mb'] / hf['train_rss_mb']:.2f}" if "peak_rss_mb" in nt and
-                 "peak_rss_mb" in hf else ""))
+                 "peak_rss_mb" in hf else ""), end="")
+    print()
     print("json " + json.dumps({"family": args.family, "mode": args.mode, "seq": args.seq, "hidden": args.hidden,
                                 "kv_heads": kv_heads, "results": results}))
 

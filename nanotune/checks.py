@@ -8,12 +8,13 @@ import os
 
 from nanotune import UserError
 from nanotune.checkpoint import check_writable
+from nanotune.models import parse_size
 from nanotune.precision import ALIASES
 from nanotune.quantize import quant_bits
 
 # Flags that do not change the math of a run: a resume may change these and nothing else.
 RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
-             "keep", "merge", "local_rank", "data_cache"}
+             "keep", "merge", "local_rank", "data_cache", "compile", "save_dtype", "max_shard_size"}
 # How the work is spread over processes: a resume may change these too, if the global batch (micro-batch x
 # grad-accum x processes) stays the same, so that every step reads the very same rows (data.Batches).
 LAYOUT = {"world_size", "batch_size", "grad_accum", "strategy", "fsdp_sharding", "fsdp_prefetch", "fsdp_offload",
@@ -49,6 +50,7 @@ def check_args(args):
         raise UserError("--zero-stage, --zero-offload and --deepspeed-config apply to --strategy deepspeed only")
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    parse_size(args.max_shard_size)
     if os.path.exists(os.path.join(args.out, "metrics.jsonl")) and not (args.overwrite or args.resume):
         raise UserError(f"--out {args.out} holds a previous run; pass --resume to continue it, --overwrite to "
                         "replace it, or choose another --out")
@@ -77,6 +79,9 @@ def check_adapter_flags(args, defaults, config):
 def check_combination(args, world):
     """Flags that contradict the strategy or the device, once both are known."""
     strategy = world.strategy
+    if args.compile and strategy == "deepspeed":
+        raise UserError("--compile is not offered with --strategy deepspeed (its engine runs its own hooks around "
+                        "every block, and ZeRO-3 gathers parameters in them); use --strategy fsdp or ddp")
     if quant_bits(args) and strategy == "deepspeed":
         raise UserError("a quantized base (--load-in-8bit/4bit) is not supported with --strategy deepspeed; "
                         "use --strategy ddp")

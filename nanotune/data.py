@@ -16,10 +16,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nanotune import UserError
 from nanotune.loss import IGNORE
+from nanotune.packing import collate_packed, pack
 from nanotune.templates import NAMES, load_template
 from nanotune.tokenizer import load_tokenizer
 USER_ROLES = {"human": "user", "user": "user", "observation": "user"}
@@ -32,10 +34,13 @@ def alpaca_user(instruction: str, input_text: str = "") -> str:
 
 
 def read_rows(path: str):
-    """Yield (where, row) with where = 'file line N' (.jsonl) or 'file row N' (.json array)."""
-    if not os.path.isfile(path):
-        problem = "is a folder" if os.path.isdir(path) else "does not exist"
-        raise UserError(f"data file {path!r} {problem}; pass --data a .json or .jsonl file")
+    """Yield (where, source, row): where = 'file line N' (.jsonl) or 'file row N' (.json array), source = the
+    row's byte offset in a .jsonl or its index in a .json array (rows_at reads it again). A .jsonl is read
+    line by line, never whole; a .json array is parsed whole (big data belongs in .jsonl)."""
+    check_file(path)
+    if path.endswith(".jsonl"):
+        yield from read_jsonl(path)
+        return
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -43,14 +48,6 @@ def read_rows(path: str):
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     if not text.strip():
         raise UserError(f"data file {path} is empty")
-    if path.endswith(".jsonl"):
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield f"{path} line {i}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {i} is not valid JSON ({e.msg})") from None
-        return
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
@@ -61,7 +58,47 @@ def read_rows(path: str):
     if not rows:
         raise UserError(f"{path} holds an empty JSON array; it needs at least one row")
     for i, row in enumerate(rows, 1):
-        yield f"{path} row {i}", row
+        yield f"{path} row {i}", i - 1, row
+
+
+def check_file(path: str):
+    if not os.path.isfile(path):
+        problem = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise UserError(f"data file {path!r} {problem}; pass --data a .json or .jsonl file")
+
+
+def read_jsonl(path: str):
+    empty, offset = True, 0
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {offset + e.start}); "
+                                "save it as UTF-8") from None
+            if text.strip():
+                try:
+                    yield f"{path} line {i}", offset, json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {i} is not valid JSON ({e.msg})") from None
+                empty = False
+            offset += len(line)
+    if empty:
+        raise UserError(f"data file {path} is empty")
+
+
+def rows_at(path: str, sources) -> list:
+    """The rows read_rows yielded with these sources, read again: a seek per row of a .jsonl (a .json
+    array is parsed again)."""
+    with open(path, "rb") as f:
+        if not path.endswith(".jsonl"):
+            rows = json.load(f)
+            return [rows[i] for i in sources]
+        found = []
+        for offset in sources:
+            f.seek(offset)
+            found.append(json.loads(f.readline()))
+        return found
 
 
 def field(row: dict, key: str, where: str, required=True) -> str:
@@ -118,34 +155,59 @@ class Example:
 
 def encode(template, system, dialogue, train_on_prompt=False, mask_history=False, where="row") -> Example:
     """A row's tokens, its loss mask, and (for exact-match scoring) its first prompt and answer."""
+    tokens, trained = encode_rows(template, [(system, dialogue, where)], train_on_prompt, mask_history)[0]
     if dialogue[0][0] == "text":
-        tok, text = template.tokenizer, dialogue[0][1]
-        ids = tok.bos + tok.encode(text) + [tok.eos_id]
-        return Example(ids, [False] * len(tok.bos) + [True] * (len(ids) - len(tok.bos)), [], text)
-    tokens, trained = template.encode(system, dialogue, train_on_prompt, mask_history, where)
+        return Example(tokens, trained, [], dialogue[0][1])
     first = next(i for i, (role, _) in enumerate(dialogue) if role == "assistant")
     return Example(tokens, trained, template.prompt(system, dialogue[:first], where), dialogue[first][1])
 
 
+def encode_rows(template, rows, train_on_prompt=False, mask_history=False) -> list:
+    """[(system, dialogue, where)] from turns() -> [(tokens, trained)], the texts of all rows tokenized in
+    one call (Template.encode_batch). A plain-text row is BOS + text + EOS, trained on all but BOS."""
+    tok = template.tokenizer
+    plain = [i for i, (_, dialogue, _) in enumerate(rows) if dialogue[0][0] == "text"]
+    chat = [i for i, (_, dialogue, _) in enumerate(rows) if dialogue[0][0] != "text"]
+    out = [None] * len(rows)
+    for i, ids in zip(plain, tok.encode_batch([rows[i][1][0][1] for i in plain])):
+        ids = tok.bos + ids + [tok.eos_id]
+        out[i] = ids, [False] * len(tok.bos) + [True] * (len(ids) - len(tok.bos))
+    for i, encoded in zip(chat, template.encode_batch([rows[i] for i in chat], train_on_prompt, mask_history)):
+        out[i] = encoded
+    return out
+
+
+def cut(tokens, trained, max_seq_len):
+    """A row cut to max_seq_len inputs (+1 for the shifted target), and whether it was cut."""
+    if len(tokens) > max_seq_len + 1:
+        return tokens[:max_seq_len + 1], trained[:max_seq_len + 1], True
+    return tokens, trained, False
+
+
 def load_examples(path, template, max_seq_len, train_on_prompt=False, mask_history=False, log=print):
-    """Read and tokenize a file. Rows longer than max_seq_len (+1 for the shifted target) are cut;
-    rows that are left with nothing to learn from are dropped; both are counted in the log."""
-    examples, cut, dropped = [], 0, 0
-    for where, row in read_rows(path):
+    """Read and tokenize a file, one row at a time (the store, nanotune.store, does it in batches). Rows
+    longer than max_seq_len (+1 for the shifted target) are cut; rows that are left with nothing to learn
+    from are dropped; both are counted in the log."""
+    examples, n_cut, dropped = [], 0, 0
+    for where, _, row in read_rows(path):
         system, dialogue = turns(row, where)
         ex = encode(template, system, dialogue, train_on_prompt, mask_history, where)
-        if len(ex.tokens) > max_seq_len + 1:
-            ex.tokens, ex.trained, cut = ex.tokens[:max_seq_len + 1], ex.trained[:max_seq_len + 1], cut + 1
+        ex.tokens, ex.trained, was_cut = cut(ex.tokens, ex.trained, max_seq_len)
+        n_cut += was_cut
         if not any(ex.trained[1:]):
             dropped += 1
             continue
         examples.append(ex)
     if not examples:
-        raise UserError(f"{path}: every row is empty after cutting to --max-seq-len {max_seq_len}; "
-                        "no response token is left to learn from (raise --max-seq-len)")
-    log(f"data: {len(examples)} rows from {path}; {cut} cut to --max-seq-len {max_seq_len}, "
+        raise all_empty(path, max_seq_len)
+    log(f"data: {len(examples)} rows from {path}; {n_cut} cut to --max-seq-len {max_seq_len}, "
         f"{dropped} dropped with no response token left")
     return examples
+
+
+def all_empty(path, max_seq_len):
+    return UserError(f"{path}: every row is empty after cutting to --max-seq-len {max_seq_len}; "
+                     "no response token is left to learn from (raise --max-seq-len)")
 
 
 def collate(examples, pad_id):
@@ -154,9 +216,10 @@ def collate(examples, pad_id):
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     for i, ex in enumerate(examples):
-        n = len(ex.tokens) - 1
-        input_ids[i, :n] = torch.tensor(ex.tokens[:-1])
-        labels[i, :n] = torch.tensor([t if keep else IGNORE for t, keep in zip(ex.tokens[1:], ex.trained[1:])])
+        tokens, trained = np.asarray(ex.tokens, dtype=np.int64), np.asarray(ex.trained, dtype=bool)
+        n = len(tokens) - 1
+        input_ids[i, :n] = torch.from_numpy(tokens[:-1])
+        labels[i, :n] = torch.from_numpy(np.where(trained[1:], tokens[1:], IGNORE))
     return input_ids, labels
 
 
@@ -164,56 +227,80 @@ class Batches:
     """The data order as a pure function of (seed, step): what optimizer step s reads never depends on
     what ran before, so a resumed run reads exactly what the uninterrupted one would have.
 
-    Each epoch is a seeded permutation cut into global batches of micro_batch * grad_accum * world_size
-    rows (the incomplete tail is skipped). Rank r takes the r-th contiguous slice of each global
-    batch and cuts it into grad_accum micro-batches, so ranks read disjoint shards and one process
-    with world_size times the accumulation reads the very same rows."""
+    rows: a nanotune.store.Store (its rows, their lengths and trained-token counts). The unit of a batch is
+    a row, right-padded to the longest of its micro-batch, or with seq_len (--packing) a sequence of seq_len
+    positions packed with rows (nanotune.packing). Each epoch is a seeded order of the units, cut into
+    global batches of micro_batch * grad_accum * world_size units (the incomplete tail is skipped). Rank r
+    takes the r-th contiguous slice of each global batch and cuts it into grad_accum micro-batches, so
+    ranks read disjoint shards, equally many units each, and one process with world_size times the
+    accumulation reads the very same rows."""
 
-    def __init__(self, examples, micro_batch, grad_accum, world_size=1, rank=0, seed=0, pad_id=0):
-        self.examples, self.micro_batch, self.grad_accum = examples, micro_batch, grad_accum
-        self.world_size, self.rank, self.seed, self.pad_id = world_size, rank, seed, pad_id
+    def __init__(self, rows, micro_batch, grad_accum, world_size=1, rank=0, seed=0, pad_id=0, seq_len=None):
+        self.rows, self.micro_batch, self.grad_accum = rows, micro_batch, grad_accum
+        self.world_size, self.rank, self.seed, self.pad_id, self.seq_len = world_size, rank, seed, pad_id, seq_len
         self.global_batch = micro_batch * grad_accum * world_size
-        self.steps_per_epoch = len(examples) // self.global_batch
+        self.epoch, self.plan = None, None  # the packing plan of one epoch, kept for its steps
+        self.units = len(rows) if seq_len is None else len(self.order(0)[1]) - 1  # the same in every epoch
+        self.steps_per_epoch = self.units // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"{len(examples)} training rows cannot fill one global batch of {self.global_batch} "
+            what = "training rows" if seq_len is None else f"packed sequences of {seq_len} tokens"
+            raise UserError(f"{self.units} {what} cannot fill one global batch of {self.global_batch} "
                             f"(--batch-size {micro_batch} x --grad-accum {grad_accum} x {world_size} processes); "
                             "lower one of them or add data")
 
+    def order(self, epoch):
+        """(rows, starts): the epoch's units in reading order, unit u being rows[starts[u]:starts[u + 1]]."""
+        if self.epoch != epoch:  # packing a million rows takes a few seconds
+            if self.seq_len is None:
+                rows = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.seed + epoch))
+                self.plan = rows.numpy(), np.arange(len(self.rows) + 1)
+            else:
+                self.plan = pack(self.rows.lengths, self.seq_len, self.seed + epoch)
+            self.epoch = epoch
+        return self.plan
+
     def global_rows(self, step):
+        """The units of step's global batch, each an array of row indices (one row, unless packed)."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
-        return [self.examples[i] for i in order[index * self.global_batch:(index + 1) * self.global_batch]]
+        rows, starts = self.order(epoch)
+        units = range(index * self.global_batch, (index + 1) * self.global_batch)
+        return [rows[starts[u]:starts[u + 1]] for u in units]
 
     def step(self, step):
-        """(micro-batches for this rank, number of trained tokens in the whole global batch)."""
-        rows = self.global_rows(step)
-        n_tokens = sum(sum(ex.trained[1:]) for ex in rows)
+        """(micro-batches for this rank, number of trained tokens in the whole global batch). A micro-batch
+        is (input_ids, labels), packed ones also (positions, documents): CausalLM.forward's arguments."""
+        units = self.global_rows(step)
+        n_tokens = int(sum(self.rows.targets[unit].sum() for unit in units))
         per_rank = self.micro_batch * self.grad_accum
-        mine = rows[self.rank * per_rank:(self.rank + 1) * per_rank]
-        micro = [collate(mine[i:i + self.micro_batch], self.pad_id) for i in range(0, per_rank, self.micro_batch)]
-        return micro, n_tokens
+        mine = units[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return [self.collate(mine[i:i + self.micro_batch]) for i in range(0, per_rank, self.micro_batch)], n_tokens
+
+    def collate(self, units):
+        if self.seq_len is None:
+            return collate([self.rows[int(unit[0])] for unit in units], self.pad_id)
+        return collate_packed([[self.rows[int(r)] for r in unit] for unit in units], self.seq_len, self.pad_id)
 
 
-def split(examples, val_fraction, seed):
-    """A seeded held-out split: (train, val)."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = int(len(examples) * val_fraction)
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+def split(rows, val_fraction, seed):
+    """A seeded held-out split of a Store: (train, val), views of the same arrays."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).numpy()
+    n_val = int(len(rows) * val_fraction)
+    return rows.subset(order[n_val:]), rows.subset(order[:n_val])
 
 
 def show(example, tokenizer, color: bool) -> str:
     """A row as the model receives it, the tokens the loss sees marked: green on a terminal, else
     [[in brackets]]; then the counts. Token 0 is never a target (nothing comes before it)."""
     text, run, seen = "", [], None
-    for i, token in enumerate(example.tokens):
-        target = i > 0 and example.trained[i]
+    for i, (token, trained) in enumerate(zip(np.asarray(example.tokens).tolist(), example.trained)):
+        target = i > 0 and bool(trained)
         if target != seen and run:
             text += mark(tokenizer.decode(run, keep_special=True), seen, color)
             run = []
         run.append(token)
         seen = target
     text += mark(tokenizer.decode(run, keep_special=True), seen, color)
-    n = sum(example.trained[1:])
+    n = int(np.count_nonzero(example.trained[1:]))
     return f"{text}\n({n} trained tokens, {len(example.tokens) - n} not trained)"
 
 

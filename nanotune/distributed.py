@@ -249,6 +249,11 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def scalar(t) -> float:
+    """A 0-dim tensor as a float; an FSDP DTensor (clip_grad_norm_'s total norm) made whole first."""
+    return float(t.full_tensor() if is_dtensor(t) else t)
+
+
 def local(t):
     """This rank's own piece of a tensor: the local shard of an FSDP DTensor, else the tensor."""
     return t.to_local() if is_dtensor(t) else t

@@ -4,8 +4,7 @@
 The prompt is rendered with the chat template training used (--template, default: the model
 folder's own, alpaca without one), so an adapter answers in the format it was trained on, and
 generation stops at the end of the model's turn (any of its EOS ids or the template's end-of-turn
-token). No KV cache: each new token reruns the whole sequence, which is simple and fast enough for
-the model sizes one tries on a laptop.
+token). generate() is also what train.py's exact-match evaluation runs, batched over held-out rows.
 """
 import argparse
 import sys
@@ -17,31 +16,73 @@ from nanotune.data import alpaca_user
 from nanotune.distributed import pick_device
 from nanotune.lora import load_adapter
 from nanotune.models import from_pretrained
+from nanotune.models.base import Cache
 from nanotune.templates import NAMES as TEMPLATES, load_template
 from nanotune.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens=64, temperature=0.0, top_k=0, eos=(), generator=None):
-    """Extend a list of token ids; greedy when temperature is 0, else sampled from the top_k
-    (0: all) most likely tokens. Stops at any id in `eos` (not returned). Returns only the new ids."""
+def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, eos=(), generator=None,
+             keep=None):
+    """The new token ids of each prompt (a list of token-id lists, any lengths), generated together.
+
+    The prompts are left-padded into one (B, T) batch, so that every row's next token comes from its
+    last column, and run through the model once (the prefill), which keeps each layer's keys and
+    values in a Cache. Each step then feeds only the B new tokens, which attend to the cached keys:
+    O(T) work per token instead of rerunning all T positions, and logits for the last position only.
+    A row counts its positions from its first real token and no query sees a pad (Cache.real), so it
+    computes what it would alone. Greedy when temperature is 0; else sampled at that temperature from
+    the top_k most likely tokens (0: all) and, within them, the fewest whose probabilities reach
+    top_p (nucleus sampling, Holtzman et al. 2019). A row stops at any id in `eos` (not returned), or
+    when keep(row, its new ids so far) returns False (exact-match scoring stops a row that can no longer
+    equal its reference); generation ends when every row has stopped or after max_new_tokens. `model`
+    may be wrapped (DDP, FSDP, DeepSpeed): it is only called, so every rank of a sharded model takes
+    part in each forward (keep must then answer alike on every rank)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)  # (1, T)
-    new = []
-    for _ in range(max_new_tokens):
-        logits = model(ids)[0, -1].float()  # (V,)
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            if top_k:
-                logits[logits < torch.topk(logits, min(top_k, len(logits))).values[-1]] = -float("inf")
-            probs = torch.softmax(logits / temperature, dim=-1)
-            token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-        if token in eos:
+    B, T = len(prompts), max(map(len, prompts))
+    if min(map(len, prompts)) == 0:
+        raise UserError("generate: every prompt needs at least one token")
+    ids = torch.zeros(B, T, dtype=torch.long)
+    real = torch.zeros(B, T, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, T - len(prompt):] = torch.tensor(prompt)
+        real[row, T - len(prompt):] = True
+    ids, real = ids.to(device), real.to(device)
+    positions = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): 0 at each row's first token
+    cache = Cache(T + max_new_tokens, real if not real.all() else None)
+    logits = model(ids, positions=positions, cache=cache)  # (B, V)
+    new, done = [[] for _ in prompts], [False] * B
+    for step in range(max_new_tokens):
+        token = pick(logits.float(), temperature, top_k, top_p, generator)  # (B,)
+        for row, t in enumerate(token.tolist()):
+            if done[row] or t in eos:
+                done[row] = True
+                continue
+            new[row].append(t)
+            done[row] = keep is not None and not keep(row, new[row])
+        if all(done) or step == max_new_tokens - 1:
             break
-        new.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+        positions = positions[:, -1:] + 1  # (B, 1)
+        if cache.real is not None:
+            cache.real = torch.cat((cache.real, torch.ones(B, 1, dtype=torch.bool, device=device)), dim=1)
+        logits = model(token[:, None], positions=positions, cache=cache)
     return new
+
+
+def pick(logits, temperature, top_k, top_p, generator):
+    """The next token of each row, (B,), from its logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1:
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p  # the likelier tokens already reach top_p (the first never)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -float("inf"))
+    probs = logits.softmax(-1).cpu()  # sampled on the CPU, so a seed gives the same tokens on any device
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
 
 
 def main(argv=None):
@@ -60,6 +101,8 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample only among the fewest likeliest tokens whose "
+                   "probabilities reach p (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     args = p.parse_args(argv)
@@ -69,6 +112,8 @@ def main(argv=None):
                         ("--top-k", args.top_k)):
         if value < 0:
             p.error(f"{flag} must be >= 0, got {value}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     try:
         device = pick_device(args.device)
         model = from_pretrained(args.model, num_layers=args.num_layers)
@@ -86,7 +131,8 @@ def main(argv=None):
             prompt = template.prompt(args.system, turns, where="the conversation")
         except UserError as e:
             sys.exit(f"error: {e}")
-        new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, template.stop_ids, generator)
+        new = generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       template.stop_ids, generator)[0]
         return tokenizer.decode(new).strip()
 
     if not args.chat:

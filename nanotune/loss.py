@@ -41,18 +41,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     faults (the kernel zero-fills each new mapping) than the softmax itself. Same idea as
     Liger-Kernel's fused linear cross-entropy. h and W come in the compute dtype; the softmax is fp32.
 
-    On a CPU the softmax runs on CPU_ROWS rows at a time: its passes over a (32, V) fp32 block
-    (6 MB at V = 50k) stay in cache, where a whole chunk would go to DRAM on every pass (measured:
-    this halves the loss's non-GEMM time at Pythia's vocabulary). A GPU takes the chunk at once."""
+    On a CPU the softmax runs on CPU_ROWS rows at a time: its passes over an (8, V) fp32 block
+    (1.6 MB at V = 50k, 4 MB at 128k) stay in cache, where a whole chunk would go to DRAM on every
+    pass. There each block is first copied to fp32 and then reduced and shifted in place: a CPU runs
+    amax over bf16 and a bf16 - fp32 subtraction 3-4x slower than the copy and the same passes in
+    fp32 (together 1.5-1.7x faster than 32 rows without the copy, with the same gradients bit for
+    bit: BENCHMARKS.md). A GPU takes the chunk at once, straight from the compute dtype."""
 
-    CPU_ROWS = 32
+    CPU_ROWS = 8
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
         N, V = h.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[:2]
         ctx.weight_dtype = weight.dtype
-        rows = LinearCrossEntropy.CPU_ROWS if h.device.type == "cpu" else chunk
+        cpu = h.device.type == "cpu"
+        rows = LinearCrossEntropy.CPU_ROWS if cpu else chunk
         logits = h.new_empty(min(chunk, N), V)  # compute dtype: the chunk's logits, then its dlogits
         probs = h.new_empty(min(rows, N), V, dtype=torch.float32)
         grad_h = torch.empty_like(h) if need_h else None
@@ -66,8 +70,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 for j in range(0, x.shape[0], rows):
                     zj = z[j:j + rows]  # (m, V)
                     t = targets[i + j:i + j + zj.shape[0], None]  # (m, 1)
-                    top = zj.amax(dim=1, keepdim=True).float()  # subtracted before exp: nothing overflows
-                    p = torch.sub(zj, top, out=probs[:zj.shape[0]]).exp_()
+                    zf = probs[:zj.shape[0]].copy_(zj) if cpu else zj  # (m, V)
+                    top = zf.amax(dim=1, keepdim=True).float()  # subtracted before exp: nothing overflows
+                    p = torch.sub(zf, top, out=probs[:zj.shape[0]]).exp_()  # fp32
                     s = p.sum(dim=1, keepdim=True)
                     total += (top + s.log() - zj.gather(1, t).float()).sum()  # logsumexp - target logit
                     if need_h or need_w:

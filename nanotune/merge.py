@@ -1,8 +1,9 @@
 """Fold a LoRA adapter into its base: python -m nanotune.merge --model DIR --adapter DIR --out DIR
 
-The result is a plain HF-layout folder of the base's family (config.json, model.safetensors, the
-tokenizer files, a generation_config.json that stops where the chat template's turns end) whose
-logits equal the adapted model's, loadable by transformers with no peft installed. An adapter
+The result is a plain HF-layout folder of the base's family (config.json, model.safetensors or its
+shards above --max-shard-size, in the base's dtype or --save-dtype; the tokenizer files, a
+generation_config.json that stops where the chat template's turns end) whose logits equal the
+adapted model's, loadable by transformers with no peft installed. An adapter
 trained on a quantized base takes the same --load-in-8bit / --load-in-4bit [--double-quant] flags it
 was trained with (a PEFT adapter does not record them), so it merges onto the rounding it learned on.
 """
@@ -13,18 +14,19 @@ import sys
 from nanotune import UserError
 from nanotune.checkpoint import atomic_dir, check_writable
 from nanotune.lora import load_adapter, unload
-from nanotune.models import from_pretrained, save_pretrained
+from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, parse_size, save_pretrained
 from nanotune.quantize import dequantize, quant_bits, quantize
 from nanotune.templates import NAMES as TEMPLATES, export, load_template
 from nanotune.tokenizer import load_tokenizer
 
 
 def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=None, double_quant=False,
-                  template="auto"):
+                  template="auto", dtype=None, max_shard_size=None):
     """quant_bits: the adapter was trained on an int8 (8) or NF4 (4) base (double_quant: with its block
     scales quantized too). The base is quantized the same way, deterministically, then dequantized,
     so the merged weights are what the adapter trained against, rounding included (a warning says so).
-    template: the chat template the adapter was trained with, which the merged folder carries."""
+    template: the chat template the adapter was trained with, which the merged folder carries. dtype and
+    max_shard_size: as save_pretrained's (None: the base's dtype, 5GB shards)."""
     model = from_pretrained(model_dir, num_layers=num_layers)
     chat = load_template(template, model_dir, load_tokenizer(model_dir, model.config.vocab_size))
     if quant_bits:
@@ -33,7 +35,7 @@ def merge_adapter(model_dir, adapter_dir, out_dir, num_layers=-1, quant_bits=Non
     if quant_bits:
         model = dequantize(model)
     with atomic_dir(out_dir) as tmp:
-        save_pretrained(unload(model), tmp)
+        save_pretrained(unload(model), tmp, dtype=dtype, max_shard_size=max_shard_size)
         export(chat, tmp)
 
 
@@ -50,6 +52,10 @@ def main(argv=None):
     p.add_argument("--double-quant", action="store_true", help="with --load-in-4bit: trained with --double-quant")
     p.add_argument("--template", default="auto", choices=TEMPLATES, help="the chat template the adapter was trained "
                    "with: the merged folder renders and stops as it does")
+    p.add_argument("--save-dtype", choices=list(SAVE_DTYPES), help="dtype of the merged weights (None: the base "
+                   "checkpoint's own)")
+    p.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, help="split the weights into "
+                   "model-0000X-of-0000N.safetensors files of at most this size (5GB, 500MB, 2GiB)")
     args = p.parse_args(argv)
     if args.double_quant and not args.load_in_4bit:
         p.error("--double-quant applies to --load-in-4bit only")
@@ -59,7 +65,7 @@ def main(argv=None):
     try:
         check_writable(os.path.dirname(os.path.abspath(args.out)))
         merge_adapter(args.model, args.adapter, args.out, args.num_layers, quant_bits(args), args.double_quant,
-                      args.template)
+                      args.template, SAVE_DTYPES.get(args.save_dtype), parse_size(args.max_shard_size))
     except UserError as e:
         sys.exit(f"error: {e}")
     print(f"merged {args.adapter} into {args.model}: {os.path.abspath(args.out)}")

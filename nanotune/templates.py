@@ -23,6 +23,7 @@ assistant turn. A problem with one row is one UserError sentence, prefixed with 
 import json
 import os
 from datetime import datetime
+from itertools import chain, repeat
 
 import jinja2
 import jinja2.ext
@@ -156,10 +157,25 @@ class Template:
     def encode(self, system, turns, train_on_prompt=False, mask_history=False, where="row"):
         """(tokens, trained) of a conversation: system text or None, turns [(role, text), ...]; trained[i] says
         token i is a target the loss sees. `where` (e.g. 'data.jsonl line 7') starts any error message."""
-        check_roles(turns, where)
-        tokens, turn = self.tokenize(system, turns, where)  # turn[i]: the answer (0, 1, ...) token i is in, or None
-        last = max((k for k in turn if k is not None), default=None)
-        return tokens, [train_on_prompt or (k is not None and (k == last or not mask_history)) for k in turn]
+        return self.encode_batch([(system, turns, where)], train_on_prompt, mask_history)[0]
+
+    def encode_batch(self, conversations, train_on_prompt=False, mask_history=False):
+        """encode() of many (system, turns, where) at once: the texts of all of them go to the tokenizer in
+        one call, which runs on every core (nanotune.store builds its arrays this way). One conversation
+        is a batch of one, so both give the same ids and masks."""
+        for _, turns, where in conversations:
+            check_roles(turns, where)
+        out = []
+        for tokens, turn in self.tokenize_batch(conversations):  # turn[i]: the answer (0, 1, ...) token i is in
+            answers = set(turn) - {None}
+            # trained, per answer number (None: not in an answer); then looked up per token, in C (map)
+            trained = {k: train_on_prompt or (k is not None and (k == max(answers) or not mask_history))
+                       for k in answers | {None}}
+            out.append((tokens, list(map(trained.__getitem__, turn))))
+        return out
+
+    def tokenize(self, system, turns, where):
+        return self.tokenize_batch([(system, turns, where)])[0]
 
     def prompt(self, system, turns, where="row") -> list:
         """Token ids of the conversation so far, followed by the header the model's answer comes after."""
@@ -228,14 +244,13 @@ class ChatTemplate(Template):
             cursor = start + len(answer)
         return whole, spans
 
-    def tokenize(self, system, turns, where):
-        whole, spans = self.answers(messages(system, turns), where)
-        encoding = self.tokenizer.hf.encode(whole, add_special_tokens=False)
+    def tokenize_batch(self, conversations):
+        rendered = [self.answers(messages(system, turns), where) for system, turns, where in conversations]
+        encodings = self.tokenizer.hf.encode_batch([whole for whole, _ in rendered], add_special_tokens=False)
         # A token belongs to an answer when its characters overlap the span (a zero-width token counts as
         # one character wide): a token that straddles the border is one the model must produce.
-        turn = [next((k for k, (a, b) in enumerate(spans) if s < b and max(e, s + 1) > a), None)
-                for s, e in encoding.offsets]
-        return encoding.ids, turn
+        return [(encoding.ids, [next((k for k, (a, b) in enumerate(spans) if s < b and max(e, s + 1) > a), None)
+                                for s, e in encoding.offsets]) for encoding, (_, spans) in zip(encodings, rendered)]
 
     def generation_prompt(self, system, turns, where):
         return self.tokenizer.encode(self.render(messages(system, turns), True, where))
@@ -246,14 +261,19 @@ def messages(system, turns) -> list:
 
 
 class PieceTemplate(Template):
-    """A format built from token-id pieces, each (ids, answer number or None): nothing to find afterwards."""
+    """A format built from pieces, each (text or token ids, answer number or None): nothing to find afterwards.
+    Each text is tokenized on its own, the texts of a whole batch in one tokenizer call."""
 
-    def tokenize(self, system, turns, where):
-        pieces = self.pieces(system, turns, add_generation_prompt=False)
-        return [i for ids, _ in pieces for i in ids], [k for ids, k in pieces for _ in ids]
+    def tokenize_batch(self, conversations):
+        rows = [self.pieces(system, turns, add_generation_prompt=False) for system, turns, _ in conversations]
+        encoded = iter(self.tokenizer.encode_batch([p for pieces in rows for p, _ in pieces if isinstance(p, str)]))
+        rows = [[(next(encoded) if isinstance(p, str) else p, k) for p, k in pieces] for pieces in rows]
+        return [(list(chain.from_iterable(ids for ids, _ in pieces)),
+                 list(chain.from_iterable(repeat(k, len(ids)) for ids, k in pieces))) for pieces in rows]
 
     def generation_prompt(self, system, turns, where):
-        return [i for ids, _ in self.pieces(system, turns, add_generation_prompt=True) for i in ids]
+        pieces = self.pieces(system, turns, add_generation_prompt=True)
+        return [i for p, _ in pieces for i in (self.tokenizer.encode(p) if isinstance(p, str) else p)]
 
 
 def alpaca_prompt(user: str, system: str = None) -> str:
@@ -270,16 +290,16 @@ class Alpaca(PieceTemplate):
         self.tokenizer, self.stop_ids = tokenizer, set(tokenizer.stop_ids)
 
     def pieces(self, system, turns, add_generation_prompt):
-        tok, pieces, asked, k = self.tokenizer, [(list(self.tokenizer.bos), None)], [], 0
+        pieces, asked, k = [(list(self.tokenizer.bos), None)], [], 0
         for role, text in turns:
             if role == "user":
                 asked.append(text)
                 continue
-            pieces.append((tok.encode(alpaca_prompt("\n\n".join(asked), system if k == 0 else None)), None))
-            pieces.append((tok.encode(text) + [tok.eos_id], k))
+            pieces.append((alpaca_prompt("\n\n".join(asked), system if k == 0 else None), None))
+            pieces += [(text, k), ([self.tokenizer.eos_id], k)]
             asked, k = [], k + 1
         if add_generation_prompt:
-            pieces.append((tok.encode(alpaca_prompt("\n\n".join(asked), system if k == 0 else None)), None))
+            pieces.append((alpaca_prompt("\n\n".join(asked), system if k == 0 else None), None))
         return pieces
 
 
@@ -297,17 +317,17 @@ class ChatGLM(PieceTemplate):
         if missing:
             raise UserError(f"template {name!r} needs the tokens {', '.join(missing)}, which the tokenizer lacks; "
                             "pick the template the model was trained with")
-        self.tokenizer, self.prefix = tokenizer, [ids[names[0]], ids[names[1]]]
+        self.tokenizer, self.name, self.prefix = tokenizer, name, [ids[names[0]], ids[names[1]]]
         self.role = {"system": ids["<|system|>"], "user": ids["<|user|>"], "assistant": ids["<|assistant|>"]}
         self.last_closer = tokenizer.eos_id if name == "chatglm3" else ids["<|user|>"]
         self.stop_ids = set(tokenizer.stop_ids) | {ids["<|user|>"], ids["<|observation|>"]}
 
     def pieces(self, system, turns, add_generation_prompt):
-        tok, pieces, open_answer, k = self.tokenizer, [(self.prefix, None)], None, 0
+        pieces, open_answer, k = [(self.prefix, None)], None, 0
         for role, text in ([("system", system)] if system else []) + list(turns):
             pieces.append(([self.role[role]], open_answer))  # a role token closes the answer before it
             open_answer = k if role == "assistant" else None
-            pieces.append((tok.encode("\n") + tok.encode(text), open_answer))
+            pieces += [("\n", open_answer), (text, open_answer)]
             k += role == "assistant"
         if add_generation_prompt:
             pieces.append(([self.role["assistant"]], None))
@@ -317,19 +337,32 @@ class ChatGLM(PieceTemplate):
 
 
 def export(template, folder: str):
-    """Make a model folder nanotune wrote (OUT/model, OUT/merged) render and stop as training did, in
-    transformers and vLLM too: generation_config.json's eos_token_id lists every id generation stops on
-    (the template's end-of-turn token included), and a built-in Jinja template the folder did not have
-    becomes its tokenizer_config.json's chat_template. The piece-built formats (alpaca, chatglm3, glm4)
+    """Make a model folder nanotune wrote (OUT/model, OUT/merged) tokenize, render and stop as training did,
+    in transformers and vLLM too: generation_config.json's eos_token_id lists every id generation stops on
+    (the template's end-of-turn token included) and pad_token_id names the pad (if the source did not);
+    a built-in Jinja template the folder did not have becomes its tokenizer_config.json's chat_template.
+    A source folder without tokenizer_config.json (a bare tokenizer.json) gets one, and a
+    special_tokens_map.json, naming the EOS and pad tokens nanotune read and taking tokenizer.json as it
+    is (PreTrainedTokenizerFast), as nanotune does. The piece-built formats (alpaca, chatglm3, glm4)
     have no Jinja text to write."""
-    path = os.path.join(folder, "generation_config.json")
-    generation = read_json(path)
+    tokenizer = template.tokenizer
+    generation = read_json(os.path.join(folder, "generation_config.json"))
     generation["eos_token_id"] = sorted(template.stop_ids)
-    with open(path, "w") as f:
-        json.dump(generation, f, indent=2)
+    generation.setdefault("pad_token_id", tokenizer.pad_id)
+    write_json(generation, os.path.join(folder, "generation_config.json"))
+    config = read_json(os.path.join(folder, "tokenizer_config.json"))
+    if not config and hasattr(tokenizer, "hf"):  # ChatGLM's SentencePiece folders bring THUDM's own
+        names = {"eos_token": tokenizer.hf.id_to_token(tokenizer.eos_id),
+                 "pad_token": tokenizer.hf.id_to_token(tokenizer.pad_id)}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names}
+        if not os.path.exists(os.path.join(folder, "special_tokens_map.json")):
+            write_json(names, os.path.join(folder, "special_tokens_map.json"))
     if isinstance(template, ChatTemplate) and template.origin.startswith("built-in"):
-        path = os.path.join(folder, "tokenizer_config.json")
-        config = read_json(path)
         config["chat_template"] = template.source.strip()
-        with open(path, "w") as f:
-            json.dump(config, f, indent=2)
+    if config:
+        write_json(config, os.path.join(folder, "tokenizer_config.json"))
+
+
+def write_json(value, path):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)

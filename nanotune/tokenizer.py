@@ -36,6 +36,10 @@ class Tokenizer:
         """Token ids of `text` alone: no BOS or EOS added."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts) -> list:
+        """encode() of many texts in one call, which the tokenizers library runs on every core."""
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids, keep_special=False) -> str:
         """Text of `ids`; special tokens (<|eot_id|>, ...) are left out unless keep_special."""
         return self.hf.decode(list(ids), skip_special_tokens=not keep_special)
@@ -137,6 +141,9 @@ class ChatGLMTokenizer:
     def encode(self, text: str) -> list:
         """Token ids of `text` alone: special-token names in it are plain text, as in THUDM's default."""
         return self.sp.encode(text)
+
+    def encode_batch(self, texts) -> list:
+        return self.sp.encode(list(texts))  # SentencePiece takes a list too
 
     def decode(self, ids, keep_special=False) -> str:
         """Special ids come out as their names if keep_special, else not at all; the runs between them go

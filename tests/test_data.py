@@ -7,6 +7,7 @@ import torch
 
 from nanotune import UserError
 from nanotune.data import IGNORE, Batches, collate, encode, load_examples, main as data_main, turns
+from nanotune.store import Store
 from nanotune.templates import alpaca_prompt as prompt_text, load_template
 from nanotune.tokenizer import load_tokenizer
 
@@ -112,12 +113,12 @@ def test_long_rows_are_cut_and_counted(tok, alpaca, tmp_path):
 
 
 def test_batches_are_a_pure_function_of_the_step_and_ranks_are_disjoint(tok, alpaca):
-    examples = [encode(alpaca, None, [("user", "hi"), ("assistant", f"{i}")]) for i in range(20)]
+    examples = Store.of([encode(alpaca, None, [("user", "hi"), ("assistant", f"{i}")]) for i in range(20)])
     one = Batches(examples, micro_batch=2, grad_accum=4, seed=3)
     assert one.steps_per_epoch == 2
-    rows = [tuple(ex.tokens) for ex in one.global_rows(5)]
-    assert rows == [tuple(ex.tokens) for ex in Batches(examples, 2, 4, seed=3).global_rows(5)]
-    assert rows != [tuple(ex.tokens) for ex in one.global_rows(4)]  # the next epoch reshuffles
+    rows = [tuple(unit) for unit in one.global_rows(5)]
+    assert rows == [tuple(unit) for unit in Batches(examples, 2, 4, seed=3).global_rows(5)]
+    assert rows != [tuple(unit) for unit in one.global_rows(4)]  # the next epoch reshuffles
     shards = [Batches(examples, 2, 2, world_size=2, rank=r, seed=3).step(5) for r in (0, 1)]
     seen = [tuple(row.tolist()) for micro, _ in shards for ids, _ in micro for row in ids]
     single = [tuple(row.tolist()) for ids, _ in one.step(5)[0] for row in ids]
@@ -126,7 +127,7 @@ def test_batches_are_a_pure_function_of_the_step_and_ranks_are_disjoint(tok, alp
 
 
 def test_too_little_data_for_one_global_batch(tok, alpaca):
-    examples = [encode(alpaca, None, [("user", "hi"), ("assistant", "x")])] * 3
+    examples = Store.of([encode(alpaca, None, [("user", "hi"), ("assistant", "x")])] * 3)
     with pytest.raises(UserError, match="3 training rows cannot fill one global batch of 4"):
         Batches(examples, micro_batch=2, grad_accum=1, world_size=2)
 

@@ -99,6 +99,7 @@ def test_fsdp_ram_efficient_loading_gives_every_rank_identical_weights(tiny_mode
                           env={**CPU_ONLY, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("tensors identical") == 2
+    assert proc.stdout.count("generation through FSDP as without it") == 2
 
 
 def test_two_nodes_simulated_with_launch_sh(tiny_model_dir, tiny_data, tmp_path):

@@ -34,6 +34,9 @@ def test_lora_run_lowers_the_loss_and_writes_a_loadable_adapter(tiny_model_dir, 
     assert len(losses) == 6 and losses[-1] < 0.9 * losses[0]
     assert len(evals) == 4 and evals[-1] < evals[0]  # before training, at steps 10, 20, 30
     assert sum("exact_match" in r for r in rows) == 2
+    assert all(r["grad_norm"] > 0 and r["lr"] > 0 for r in rows if "loss" in r)  # before clipping: not all 1.0
+    assert len({r["grad_norm"] for r in rows if "loss" in r}) == 6
+    assert f"saved {out / 'loss.png'}" in proc.stdout or "pip install nanotune[plot]" in proc.stdout
     assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     umask = os.umask(0)
     os.umask(umask)
@@ -46,7 +49,8 @@ def test_full_fine_tune_writes_an_hf_model(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
     run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 3,
               "--batch-size", 4, "--no-lora", "--eval-exact-match", 0)
-    assert sorted(os.listdir(out)) == ["metrics.jsonl", "model"]
+    drawn = ["loss.png"] if importlib.util.find_spec("matplotlib") else []  # the run report, nanotune[plot]
+    assert sorted(os.listdir(out)) == ["data-cache", *drawn, "metrics.jsonl", "model"]
     before, after = from_pretrained(tiny_model_dir), from_pretrained(str(out / "model"))
     changed = [n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
     assert len(changed) == len(before.state_dict())  # every weight trained
@@ -75,10 +79,11 @@ def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
     proc = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and "pass the same --num-layers" in proc.stderr
     sample = ["--model", tiny_model_dir, "--prompt", "Reverse the words.", "--max-new-tokens", "3"]
-    generate_main([*sample, "--temperature", "1", "--top-k", "100000"])  # k beyond the vocabulary: all tokens
-    with pytest.raises(SystemExit) as e:
-        generate_main([*sample, "--temperature", "-1"])
-    assert e.value.code == 2
+    generate_main([*sample, "--temperature", "1", "--top-k", "100000", "--top-p", "0.9"])  # k beyond the vocabulary
+    for bad in (["--temperature", "-1"], ["--top-p", "0"]):
+        with pytest.raises(SystemExit) as e:
+            generate_main([*sample, *bad])
+        assert e.value.code == 2
 
 
 def test_a_device_this_machine_lacks_is_one_sentence(tiny_model_dir, tiny_data, tmp_path):

@@ -21,7 +21,10 @@ from nanotune.models import chatglm, gpt_neox, llama
 MODEL_TYPES = {**gpt_neox.MODEL_TYPES, **llama.MODEL_TYPES, **chatglm.MODEL_TYPES}
 # Files of a model folder that describe its tokenizer: copied into every model folder we write.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
+                   "generation_config.json", "chat_template.jinja", "added_tokens.json")
+MAX_SHARD_SIZE = "5GB"  # transformers' default for save_pretrained
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --save-dtype
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def read_config(path: str):
@@ -118,21 +121,106 @@ def from_pretrained(path, num_layers=-1, device="cpu"):
     return model.float()
 
 
-def save_pretrained(model, path: str, state_dict: dict = None):
-    """Write config.json, model.safetensors and the source folder's tokenizer files.
-    state_dict: the model's full state when it is sharded (FSDP gathers it for us)."""
+def save_pretrained(model, path: str, state_dict: dict = None, dtype: torch.dtype = None, max_shard_size: int = None):
+    """Write config.json, the weights and the source folder's tokenizer files (and the remote code its
+    auto_map names, for THUDM's ChatGLM). state_dict: the model's full state when it is sharded (FSDP
+    gathers it for us). dtype: of the floating-point tensors written (None: the source folder's, as
+    transformers' save keeps the dtype a model was loaded in). Above max_shard_size bytes (None: 5GB)
+    the weights are split as transformers splits them: model-00001-of-0000N.safetensors, ..., and
+    model.safetensors.index.json naming each tensor's file."""
     os.makedirs(path, exist_ok=True)
+    source = getattr(model, "name_or_path", "")
+    dtype = dtype or source_dtype(source) or torch.float32
     state = model.state_dict() if state_dict is None else state_dict
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in state.items()}
     if model.config.tie_word_embeddings:
         state.pop(model.head_path + ".weight")  # safetensors refuses shared storage; transformers re-ties on load
-    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    shards = split(state, max_shard_size or parse_size(MAX_SHARD_SIZE))
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.nbytes for v in state.values())},
+                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard}}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
     hf = model.config.to_hf()
-    hf["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")  # transformers 5 calls it dtype, and reads this too
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    source = getattr(model, "name_or_path", "")
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + remote_code(source) if source else ():
         file = os.path.join(source, name)
         if os.path.exists(file) and os.path.abspath(file) != os.path.abspath(os.path.join(path, name)):
             shutil.copyfile(file, os.path.join(path, name))
+
+
+def split(state: dict, max_bytes: int) -> list:
+    """The tensors in shards of at most max_bytes, in order, as transformers cuts them: a new shard starts
+    when the next tensor would overflow this one, and a tensor larger than max_bytes is a shard alone."""
+    shards, size = [{}], 0
+    for key, tensor in state.items():
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += tensor.nbytes
+    return shards
+
+
+def parse_size(text) -> int:
+    """Bytes from a size as transformers spells it: '5GB' (10^9), '500MB', '2GiB' (2^30), or a plain number."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+             "GIB": 2**30, "TIB": 2**40}
+    number = str(text).strip().upper().rstrip("KMGTIB")
+    unit = str(text).strip().upper()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise UserError(f"--max-shard-size {text!r} is not a size; write it as transformers does, e.g. 5GB, "
+                        "500MB or 2GiB") from None
+    if value < 1:
+        raise UserError(f"--max-shard-size {text!r} must be at least one byte")
+    return int(value)
+
+
+def source_dtype(path: str):
+    """The dtype a model folder stores its weights in: config.json's dtype (torch_dtype before transformers
+    5), else its first floating-point tensor's; None when neither says (or there is no folder)."""
+    if not path:
+        return None
+    hf = optional_json(os.path.join(path, "config.json"))
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    try:
+        for file in safetensors_files(path):
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    if dtype in SAFETENSORS_DTYPES:
+                        return SAFETENSORS_DTYPES[dtype]
+    except (UserError, OSError, SafetensorError):
+        return None
+    return None
+
+
+def optional_json(path: str) -> dict:
+    """The object in a JSON file that may be absent (or not one): {} then, as the file only adds metadata."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def remote_code(source: str) -> tuple:
+    """The folder's Python files, when its config.json or tokenizer_config.json has an auto_map: the code
+    transformers runs for trust_remote_code (THUDM's modeling_chatglm.py, tokenization_chatglm.py and
+    the modules they import), which a folder we write must carry too."""
+    if not any(optional_json(os.path.join(source, name)).get("auto_map")
+               for name in ("config.json", "tokenizer_config.json")):
+        return ()
+    return tuple(sorted(name for name in os.listdir(source) if name.endswith(".py")))

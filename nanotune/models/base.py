@@ -13,6 +13,7 @@ are called as block(x, ctx), and each attention layer hands its rotated q, k, v 
 which knows what the family need not: which keys each query may see, and the generation cache.
 """
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
@@ -68,12 +69,20 @@ class CausalLM(nn.Module):
                 x = block(x, ctx)
         return self.final_norm(x)
 
-    def forward(self, input_ids, labels=None):
+    def forward(self, input_ids, labels=None, positions=None, documents=None, cache=None):
         """Logits (B, T, V); or, given labels, the summed loss (nanotune.loss). Training goes through
-        forward, not the loss directly, because DDP and FSDP hook the wrapped module's forward."""
+        forward, not the loss directly, because DDP and FSDP hook the wrapped module's forward.
+        Packed rows (nanotune.packing) come with positions and documents, both (B, T). Generation
+        (nanotune.generate) passes a Cache and gets the last position's logits only, (B, V)."""
+        h = self.hidden_states(input_ids, positions, documents, cache)
         if labels is not None:
-            return summed_cross_entropy(self.hidden_states(input_ids), labels, self.head)
-        return self.head(self.hidden_states(input_ids))
+            return summed_cross_entropy(h, labels, self.head)
+        if cache is None:
+            return self.head(h)
+        h = h[:, -1]  # (B, C): the next token's logits only. A plain head computes them transposed, W h^T:
+        if type(self.head) is nn.Linear and self.head.bias is None:  # with a few rows and a large vocabulary,
+            return (self.head.weight @ h.T).T  # MKL runs that ~1.5x faster than h W^T (bench/generate.py)
+        return self.head(h)
 
 
 @dataclass
@@ -82,37 +91,95 @@ class Context:
     and how to attend.
 
     cos, sin   (B or 1, 1, T, r): a head's q and k (B, nh, T, hs) rotate by them (the family knows how)
-    documents  (B, T) ids or None: packed rows, a query sees only keys of its own document
-    cache      {attention module: (k, v)} or None: generation, k and v of the positions before these"""
+    documents  (B, T) ids or None: packed rows (nanotune.packing), a query sees only keys of its own row
+    cache      a Cache or None: generation, the keys and values of the positions before these"""
     cos: torch.Tensor
     sin: torch.Tensor
     documents: torch.Tensor = None
-    cache: dict = None
+    cache: "Cache" = None
 
     def attend(self, module, q, k, v, window=None):
         """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs). With a
         cache, module's earlier k, v come first and these are appended. window: a key at distance >=
         window from its query is not seen (Mistral's sliding window)."""
         if self.cache is not None:
-            if module in self.cache:
-                k, v = (torch.cat((old, new), dim=2) for old, new in zip(self.cache[module], (k, v)))
-            self.cache[module] = (k, v)
-        Tq, Tk = q.shape[2], k.shape[2]
-        gqa = k.shape[1] != q.shape[1]
-        if self.documents is None and (window is None or Tk <= window):
-            if Tq == Tk:  # the training case: plain causal attention, GQA without copying k, v
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            if Tq == 1:  # one new token sees every cached key
-                return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]  # the queries' positions among the keys
-        j = torch.arange(Tk, device=q.device)[None, :]
-        mask = (j <= i) & ((i - j < window) if window is not None else True)  # (Tq, Tk)
-        if self.documents is not None:  # (B, 1, T, T): and within the same packed row
-            mask = mask & (self.documents[:, None, :, None] == self.documents[:, None, None, :])
-        if gqa:  # with a mask, CUDA runs GQA only in its slow math kernel: copy k, v per query head
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = self.cache.update(module, k, v)
+        if self.documents is None:
+            return causal(q, k, v, window, self.cache.real if self.cache is not None else None)
+        return self.packed(q, k, v, window)
+
+    @torch.compiler.disable  # under --compile, eager: the rows' lengths change every step (nanotune.compile)
+    def packed(self, q, k, v, window):
+        # Packed rows: each row's own causal attention over contiguous copies of its q, k, v, rather than
+        # one call with a (B, 1, T, T) block-diagonal mask. Both are exact; on a CPU at 1024 positions of
+        # Alpaca rows this is 2.5-3.5x faster (BENCHMARKS.md): it skips the blocks between rows and keeps
+        # SDPA's fused causal kernel (GQA included). One split of the (B*T) positions: slicing each row
+        # out of q, k, v would cost a zero-filled full-size gradient per row in the backward.
+        B, T = self.documents.shape
+        rows = zip(*(x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]).split(self.row_lengths)
+                     for x in (q, k, v)))  # per row: its (L, nh or nkv, hs) slices of q, k, v
+        y = [causal(*(x.transpose(0, 1)[None].contiguous() for x in row), window)[0].transpose(0, 1) for row in rows]
+        return torch.cat(y).view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)
+
+    @cached_property
+    def row_lengths(self):
+        """The length of each packed row, the B sequences one after another (a sequence's padding is one
+        more row): computed on the CPU once per forward, not per layer."""
+        documents = self.documents.cpu()
+        starts = torch.ones_like(documents, dtype=torch.bool)  # a row starts at each sequence's first position
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]  # and wherever the document changes
+        starts = starts.flatten().nonzero().flatten().tolist() + [documents.numel()]
+        return [end - start for start, end in zip(starts, starts[1:])]
+
+
+def causal(q, k, v, window=None, real=None):
+    """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs): the queries are the last Tq keys.
+    real (B, Tk) bool or None: which keys are tokens, not left padding (Cache.real)."""
+    B, nh, Tq, hs = q.shape
+    Tk, nkv = k.shape[2], k.shape[1]
+    if Tq == 1:  # generation's step: each row's new token sees every cached key (that is real, within the window)
+        mask = None if real is None else real[:, None, None, :]  # (B, 1, 1, Tk)
+        if window is not None and Tk > window:
+            recent = torch.arange(Tk, device=q.device)[None] >= Tk - window  # (1, Tk)
+            mask = recent if mask is None else mask & recent
+        # GQA with no copies of k, v: each k/v head's nh / nkv query heads as one block of queries.
+        y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=mask)
+        return y.reshape(B, nh, 1, hs)
+    gqa = nkv != nh
+    if real is None and (window is None or Tk <= window) and Tq == Tk:
+        # the training case: plain causal attention, GQA without copying k, v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]  # the queries' positions among the keys
+    j = torch.arange(Tk, device=q.device)[None, :]
+    mask = (j <= i) & ((i - j < window) if window is not None else True)  # (Tq, Tk)
+    if real is not None:  # (B, 1, Tq, Tk): no key that is padding; a pad query sees itself (no empty softmax row)
+        mask = mask & (real[:, None, None, :] | (i == j))
+    if gqa:  # with a mask, CUDA runs GQA only in its slow math kernel: copy k, v per query head
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Cache:
+    """Generation's memory (nanotune.generate): per attention layer, the keys and values of every position
+    so far, (B, nkv, Tk, hs) each, in buffers of `size` positions allocated on the first call (so a step
+    writes its new column instead of copying the whole cache); and real (B, Tk) bool, which positions are
+    tokens rather than left padding (None: all are), which the generator extends before each forward.
+    A plain class, not a dict: DDP and FSDP rebuild the dicts they find in a forward's arguments."""
+
+    def __init__(self, size, real=None):
+        self.size, self.real, self.kv = size, real, {}
+
+    def update(self, module, k, v):
+        """Append module's new k, v (B, nkv, T, hs); return those of every position so far."""
+        if module not in self.kv:
+            B, nkv, _, hs = k.shape
+            self.kv[module] = (k.new_empty(B, nkv, self.size, hs), v.new_empty(B, nkv, self.size, hs), 0)
+        keys, values, n = self.kv[module]
+        end = n + k.shape[2]
+        keys[:, :, n:end], values[:, :, n:end] = k, v
+        self.kv[module] = (keys, values, end)
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class RMSNorm(nn.Module):
