@@ -237,7 +237,8 @@ def train(args, world):
 
         done = step + 1
         if args.compile and done == start_step + 1:  # the step that compiled: what it cost, said once
-            print0(f"--compile: step {done} took {time.time() - clock:.1f}s, compiling the blocks included")
+            print0(f"--compile: step {done} took {time.time() - clock:.1f}s, compiling the blocks included; the first "
+                   "step with a new sequence length compiles once more")
         if done % args.log_every == 0 or done == total:
             elapsed = time.time() - clock
             metrics.log(f"step {done}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "

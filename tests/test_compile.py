@@ -24,15 +24,19 @@ from nanotune.distributed import World, wrap_ddp, wrap_fsdp
 from nanotune.lora import inject_lora
 from nanotune.models.gpt_neox import GPTNeoX
 from nanotune.precision import cast_frozen, resolve
+from nanotune.quantize import quantize
 
 CPU = torch.device("cpu")
 
 
-def tiny(layers=1, precision="32", grad_checkpoint=False):
-    """A 1-block GPT-NeoX with LoRA on query_key_value whose B is not zero, so LoRA changes the output."""
+def tiny(layers=1, precision="32", grad_checkpoint=False, bits=None):
+    """A tiny GPT-NeoX (width 64 with a quantized base: bitsandbytes' 4-bit blocks hold 64 weights) with
+    LoRA on query_key_value whose B is not zero, so LoRA changes the output."""
     torch.manual_seed(0)
-    model = GPTNeoX(tiny_config(num_hidden_layers=layers))
+    model = GPTNeoX(tiny_config(num_hidden_layers=layers, **({"hidden_size": 64} if bits else {})))
     model.grad_checkpoint = grad_checkpoint
+    if bits:
+        quantize(model, bits, resolve(precision, CPU).compute_dtype)
     inject_lora(model, None, 4, 8, dropout=0.0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -57,6 +61,21 @@ def test_compiled_blocks_match_eager_in_bf16_with_grad_checkpoint():
     under FSDP and DDP below."""
     torch.compiler.reset()
     eager, compiled = tiny(precision="bf16"), compile_blocks(tiny(precision="bf16", grad_checkpoint=True))
+    with torch.compiler.set_stance(force_backend="aot_eager"):
+        (loss, grads), (ref_loss, ref_grads) = step(compiled, "bf16"), step(eager, "bf16")
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=0)
+    for name, ref in ref_grads.items():
+        assert (grads[name] - ref).abs().max() <= 2e-2 * ref.abs().max(), name
+
+
+def test_nf4_base_compiles():
+    """A 4-bit base under bf16-mixed, QLoRA's setting: bitsandbytes' layers trace into the compiled
+    block (its ops are registered with torch), and loss and gradients are eager's. (An int8 base
+    traces too; checked by hand, left out of the suite for time.)"""
+    pytest.importorskip("bitsandbytes")
+    torch.compiler.reset()
+    eager, compiled = tiny(precision="bf16", bits=4), compile_blocks(tiny(precision="bf16", bits=4))
     with torch.compiler.set_stance(force_backend="aot_eager"):
         (loss, grads), (ref_loss, ref_grads) = step(compiled, "bf16"), step(eager, "bf16")
     assert grads.keys() == ref_grads.keys() and len(grads) == 2
@@ -147,15 +166,19 @@ def test_train_py_compile_matches_eager(tiny_model_dir, tiny_data, tmp_path):
              "--log-every", 1, "--eval-every", 3, "--eval-exact-match", 2]
     # TORCH_COMPILE_OVERRIDE_BACKENDS: torch's switch for the backend of every graph (see the docstring)
     env = {**CPU_ONLY, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"}
+    runs = {}
+    for name in ("eager", "compile"):  # side by side: one core each
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, flags), "--out", str(tmp_path / name)]
+        with open(tmp_path / f"{name}.log", "w") as log:  # the child writes to its own copy of the file
+            runs[name] = subprocess.Popen(cmd + (["--compile"] if name == "compile" else []), cwd=ROOT, env=env,
+                                          stdout=log, stderr=subprocess.STDOUT)
     losses = {}
-    for name in ("eager", "compile"):
-        out = tmp_path / name
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, flags), "--out", str(out)]
-        proc = subprocess.run(cmd + (["--compile"] if name == "compile" else []), capture_output=True, text=True,
-                              cwd=ROOT, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert (proc.stdout.count("--compile: step 1 took") == 1) == (name == "compile")
-        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    for name, proc in runs.items():
+        proc.wait(timeout=300)
+        output = (tmp_path / f"{name}.log").read_text()
+        assert proc.returncode == 0, output[-3000:]
+        assert (output.count("--compile: step 1 took") == 1) == (name == "compile")
+        rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
         losses[name] = [r.get("loss", r.get("eval_loss", r.get("exact_match"))) for r in rows]
     assert len(losses["eager"]) == 7  # eval and exact match before, 3 steps, eval and exact match after
     assert losses["compile"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)  # fp32 noise, were it inductor
