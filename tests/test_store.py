@@ -101,11 +101,14 @@ def test_cached_rebuilt_on_change_and_never_used_half_written(tiny_model_dir, tm
     assert "building it again" in logged[-2] and not [n for n in os.listdir(cache) if ".tmp-" in n]
 
 
-def test_a_bad_row_stops_the_build_and_leaves_no_store(tiny_model_dir, tmp_path):
+def test_bad_input_is_one_sentence_and_leaves_no_store(tiny_model_dir, tmp_path):
+    """A bad row stops the build with file, line and field; a cache folder that cannot be written, too."""
     data = write(tmp_path / "rows.jsonl", alpaca_rows(3) + [{"instruction": "x", "output": 3}])
     with pytest.raises(UserError, match=r"rows.jsonl line 4: field 'output' must be a string, not int"):
         store_of(data, tiny_model_dir, tmp_path / "cache")
     assert [n for n in os.listdir(tmp_path / "cache") if not n.endswith(".lock")] == []
+    with pytest.raises(UserError, match="cannot write the data cache in .*; pass --data-cache a folder you can"):
+        store_of(write(tmp_path / "ok.jsonl", alpaca_rows(3)), tiny_model_dir, tmp_path / "ok.jsonl" / "cache")
 
 
 def test_two_processes_build_one_store(tiny_model_dir, tmp_path):

@@ -112,7 +112,7 @@ class Context:
     def packed(self, q, k, v, window):
         # Packed rows: each row's own causal attention over contiguous copies of its q, k, v, rather than
         # one call with a (B, 1, T, T) block-diagonal mask. Both are exact; on a CPU at 1024 positions of
-        # Alpaca rows this is 2.5-3.5x faster (BENCHMARKS.md): it skips the blocks between rows and keeps
+        # Alpaca rows this is 2.2-2.8x faster (BENCHMARKS.md): it skips the blocks between rows and keeps
         # SDPA's fused causal kernel (GQA included). One split of the (B*T) positions: slicing each row
         # out of q, k, v would cost a zero-filled full-size gradient per row in the backward.
         B, T = self.documents.shape
