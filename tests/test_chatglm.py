@@ -17,6 +17,7 @@ from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.models import from_pretrained, read_config, save_pretrained
 from nanotune.models.chatglm import MODEL_TYPES
 from nanotune.tokenizer import CHATGLM_SPECIAL_TOKENS, load_tokenizer
+from test_llama import peft_adapter
 
 
 def thudm_config(**overrides):
@@ -350,12 +351,7 @@ def test_glm_adapters_load_both_ways_with_peft(tmp_path):
     path = make_folder(tmp_path / "base", glm_config())
     ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
     base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
-    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                       modules_to_save=["lm_head"], lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    theirs = peft_adapter(base, peft)
     theirs.save_pretrained(str(tmp_path / "peft"))
     ours = load_adapter(from_pretrained(path), str(tmp_path / "peft"))
     with torch.no_grad():

@@ -260,6 +260,17 @@ def test_lora_adapter_loads_in_peft(tmp_path):
         torch.testing.assert_close(model(ids), theirs(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def peft_adapter(base, peft):
+    """peft's LoRA on every Linear of a transformers model, its head trained in full, moved off its init."""
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       modules_to_save=["lm_head"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return theirs
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_peft_adapter_loads_here(tmp_path, model_type):
     """The other way: an adapter peft trained and saved (every Linear, the head trained in full) loads
@@ -267,12 +278,7 @@ def test_peft_adapter_loads_here(tmp_path, model_type):
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
     make_folder(tmp_path / "base", config_json(model_type, num_key_value_heads=2))
     base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), attn_implementation="eager")
-    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                       modules_to_save=["lm_head"], lora_dropout=0.0))
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    theirs = peft_adapter(base, peft)
     theirs.save_pretrained(str(tmp_path / "adapter"))
     ours = load_adapter(from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
     ids = token_ids()
