@@ -1,4 +1,7 @@
 """Tiny fixtures built on the fly: a byte-level BPE tokenizer, a random 2-layer GPT-NeoX, Alpaca rows."""
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import random
@@ -9,6 +12,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nanotune import UserError
 from nanotune.models import save_pretrained
 from nanotune.models.gpt_neox import Config, GPTNeoX
 
@@ -77,6 +81,43 @@ def run_train(*args, check=True, gpu=False, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def train_script():
+    """train.py as a module (it is a script: nothing in the library imports it)."""
+    if "train_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+        sys.modules["train_script"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["train_script"])
+    return sys.modules["train_script"]
+
+
+def train_here(*args, gpu=False):
+    """train.py's main() in this process, for a single-process run where the process itself is not
+    what is tested: no interpreter start or imports (~2 s a run on CI's machine). On the CPU unless
+    gpu=True, and one thread, as run_train. Returns what the run printed; a bad flag raises UserError,
+    which run_train's process prints as its one line. Runs under ddp/fsdp/deepspeed use run_train: a
+    process group (and the environment it sets) must not outlive the run in the test process."""
+    train = train_script()
+    args = train.parse_args([*([] if gpu else ["--device", "cpu"]), *map(str, args)])  # a later --device wins
+    assert args.strategy in ("auto", "none"), "a process group in the test process: use run_train"
+    threads, printed = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+        sys.stdout.write(printed.getvalue())  # pytest shows it with a failure
+    return printed.getvalue()
+
+
+def train_refused(*args) -> str:
+    """The sentence train_here(*args) stops with: run_train's process prints it as its one line."""
+    with pytest.raises(UserError) as e:
+        train_here(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
 
 
 def run_torchrun(port, *args):

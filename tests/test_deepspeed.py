@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_torchrun, run_train, trajectory
+from conftest import ROOT, run_torchrun, run_train, train_here, trajectory
 from nanotune import UserError
 from nanotune.checkpoint import Pieces
 from nanotune.distributed import World
@@ -118,7 +118,7 @@ def test_bf16_autocast_runs_inside_the_engine(tiny_model_dir, tiny_data, tmp_pat
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert not deepspeed_config(2, 1, 1, 1.0, 2, False)["torch_autocast"]["enabled"]
     common = ["--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--precision", "bf16"]
-    run_train(*common, "--out", tmp_path / "one")
+    train_here(*common, "--out", tmp_path / "one")
     run_train(*common, "--out", tmp_path / "ds", "--strategy", "deepspeed", "--zero-stage", 2)
     assert trajectory(tmp_path / "ds") == pytest.approx(trajectory(tmp_path / "one"), abs=1e-5)
     file = tmp_path / "ds.json"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CPU_ONLY, ROOT, make_model_dir, make_tokenizer, run_torchrun, run_train, trajectory
+from conftest import CPU_ONLY, ROOT, make_tokenizer, run_torchrun, train_here, trajectory
 from nanotune.lora import load_adapter
 from nanotune.models import from_pretrained
 from test_llama import config_json, make_folder as make_llama_folder
@@ -22,14 +22,15 @@ COMMON = ["--max-steps", 4, "--batch-size", 2, "--log-every", 1, "--eval-every",
 def single(tiny_model_dir, tiny_data, tmp_path_factory):
     """One process, grad-accum 4: the same global batch of 8 rows as 2 processes x grad-accum 2."""
     out = tmp_path_factory.mktemp("single") / "out"
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *COMMON, "--grad-accum", 4)
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *COMMON, "--grad-accum", 4)
     return out
 
 
-@pytest.mark.parametrize("port,strategy,extra", [(29901, "ddp", []), (29902, "fsdp", ["--fsdp-prefetch", "--merge"]),
+# DDP without --grad-checkpoint is the reference of test_deepspeed.py, test_resume.py and test_resume_elsewhere.py.
+@pytest.mark.parametrize("port,strategy,extra", [(29901, "ddp", ["--grad-checkpoint"]),
+                                                 (29902, "fsdp", ["--fsdp-prefetch", "--merge"]),
                                                  (29903, "fsdp", ["--fsdp-sharding", "grad-op"]),
-                                                 (29904, "fsdp", ["--fsdp-sharding", "hybrid", "--fsdp-prefetch"]),
-                                                 (29905, "ddp", ["--grad-checkpoint"])])
+                                                 (29904, "fsdp", ["--fsdp-sharding", "hybrid", "--fsdp-prefetch"])])
 def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, port, strategy, extra):
     out = tmp_path / "out"
     proc = run_torchrun(port, "--model", tiny_model_dir, "--data", tiny_data, "--out", out, *COMMON,
@@ -48,8 +49,8 @@ def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, po
 def test_fsdp_full_fine_tune_saves_the_whole_model(tiny_model_dir, tiny_data, tmp_path):
     """With --grad-checkpoint too: recomputing a sharded block in the backward gathers it again."""
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", single, *COMMON, "--grad-accum", 4,
-              "--no-lora")
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", single, *COMMON, "--grad-accum", 4,
+               "--no-lora")
     run_torchrun(29911, "--model", tiny_model_dir, "--data", tiny_data, "--out", fsdp, *COMMON, "--grad-accum", 2,
              "--no-lora", "--strategy", "fsdp", "--grad-checkpoint")
     assert trajectory(fsdp) == pytest.approx(trajectory(single), abs=1e-6)
@@ -64,7 +65,7 @@ def test_fsdp_bf16_true_stores_and_computes_in_bf16(tiny_model_dir, tiny_data, t
     """bf16-true under FSDP: the same trajectory as one bf16-true process, which is not the fp32 one."""
     one, fsdp = tmp_path / "one", tmp_path / "fsdp"
     flags = ["--model", tiny_model_dir, "--data", tiny_data, *COMMON, "--precision", "bf16-true"]
-    run_train(*flags, "--out", one, "--grad-accum", 4)
+    train_here(*flags, "--out", one, "--grad-accum", 4)
     run_torchrun(29946, *flags, "--out", fsdp, "--grad-accum", 2, "--strategy", "fsdp")
     assert trajectory(fsdp) == pytest.approx(trajectory(one), abs=1e-5)
     assert trajectory(fsdp) != pytest.approx(trajectory(single), abs=1e-5)
@@ -81,7 +82,7 @@ def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
     make_tokenizer().save(os.path.join(model, "tokenizer.json"))
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     flags = ["--model", model, "--data", tiny_data, *COMMON, "--load-in-4bit", "--double-quant"]
-    run_train(*flags, "--out", single, "--grad-accum", 4)
+    train_here(*flags, "--out", single, "--grad-accum", 4)
     run_torchrun(29945, *flags, "--out", fsdp, "--grad-accum", 2, "--strategy", "fsdp")
     # Measured: within 4e-7 (float32 sums taken in another order), as without quantization.
     assert trajectory(fsdp) == pytest.approx(trajectory(single), abs=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CPU_ONLY, ROOT, make_tokenizer, run_train
+from conftest import CPU_ONLY, ROOT, make_tokenizer, run_train, train_here
 from nanotune.lora import load_adapter
 from nanotune.models import from_pretrained
 from nanotune.quantize import quantize
@@ -54,7 +54,7 @@ def test_lora_with_the_family_defaults_trains_merges_and_resumes_bitwise(family,
     blocks, targets, head = TARGETS[family]
     flags = ["--model", model, "--data", tiny_data, "--max-steps", 4, "--batch-size", 4, "--lora-dropout", 0,
              "--modules-to-save", head, "--grad-checkpoint", "--save-every", 2, "--keep", 0, "--eval-exact-match", 2]
-    run_train(*flags, "--out", tmp_path / "out", "--merge")
+    train_here(*flags, "--out", tmp_path / "out", "--merge")
     adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
     expected = {f"base_model.model.{blocks}.{i}.{t}.lora_{ab}.weight" for i in (0, 1) for t in targets for ab in "AB"}
     lora = {k for k in adapter if ".lora_" in k}
@@ -72,7 +72,7 @@ def test_lora_with_the_family_defaults_trains_merges_and_resumes_bitwise(family,
 
     if family not in ("llama", "chatglm"):  # resuming is family-agnostic: one run per module tree suffices
         return
-    run_train(*flags, "--out", tmp_path / "resumed", "--resume", tmp_path / "out" / "checkpoints" / "step-2")
+    train_here(*flags, "--out", tmp_path / "resumed", "--resume", tmp_path / "out" / "checkpoints" / "step-2")
     resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == adapter.keys() and all(torch.equal(resumed[k], adapter[k]) for k in adapter)
 
@@ -90,10 +90,10 @@ def test_quantization_keeps_the_family_head_in_full_precision(family, bits, tmp_
 def test_lora_on_a_quantized_base_trains(family, quantization, tiny_data, tmp_path):
     pytest.importorskip("bitsandbytes")
     model = family_folder(tmp_path / "model", family)
-    proc = run_train("--model", model, "--data", tiny_data, "--out", tmp_path / "out", "--max-steps", 2,
-                     "--batch-size", 4, "--precision", "bf16", "--lora-target", "all-linear", quantization,
-                     "--eval-exact-match", 0)
-    assert "step 2/2" in proc.stdout
+    printed = train_here("--model", model, "--data", tiny_data, "--out", tmp_path / "out", "--max-steps", 2,
+                         "--batch-size", 4, "--precision", "bf16", "--lora-target", "all-linear", quantization,
+                         "--eval-exact-match", 0)
+    assert "step 2/2" in printed
     load_adapter(from_pretrained(model), tmp_path / "out" / "adapter")
 
 
@@ -116,12 +116,12 @@ def test_an_instruct_fine_tune_stops_at_the_end_of_its_turn(tiny_data, tmp_path)
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    proc = run_train("--model", model, "--data", data, "--out", out, "--max-steps", 40, "--batch-size", 8,
-                     "--lr", 1e-2, "--warmup-steps", 0, "--lora-target", "all-linear", "--val-fraction", 0.1,
-                     "--eval-exact-match", 4, "--merge")
-    assert "<|im_start|>assistant\n[[ok<|im_end|>]]" in proc.stdout  # the first row, as the loss sees it
+    printed = train_here("--model", model, "--data", data, "--out", out, "--max-steps", 40, "--batch-size", 8,
+                         "--lr", 1e-2, "--warmup-steps", 0, "--lora-target", "all-linear", "--val-fraction", 0.1,
+                         "--eval-exact-match", 4, "--merge")
+    assert "<|im_start|>assistant\n[[ok<|im_end|>]]" in printed  # the first row, as the loss sees it
     scores = [json.loads(line)["exact_match"] for line in open(out / "metrics.jsonl") if "exact_match" in line]
-    assert scores[-1] == 1.0, proc.stdout
+    assert scores[-1] == 1.0, printed
     generation = json.load(open(out / "merged" / "generation_config.json"))
     assert generation["eos_token_id"] == [0, 301]
     assert json.load(open(out / "merged" / "tokenizer_config.json"))["chat_template"] == CHATML

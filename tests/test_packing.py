@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_train, tiny_config
+from conftest import tiny_config, train_here
 from nanotune.data import Batches, Example, collate, cut
 from nanotune.models import MODEL_TYPES
 from nanotune.models.gpt_neox import GPTNeoX
@@ -123,13 +123,13 @@ def test_packing_resumes_bitwise_and_evaluates_as_without(tiny_model_dir, tiny_d
                 "--max-seq-len", 256, "--log-every", 1, "--eval-every", 5, "--eval-exact-match", 0,
                 "--data-cache", tmp_path / "cache", "--out", out]
     full, out = tmp_path / "full", tmp_path / "out"
-    proc = run_train(*flags(10, full), "--packing", "--save-every", 5)
-    assert "global batch 2 sequences of 256 tokens (packed from 61 rows)" in proc.stdout
+    printed = train_here(*flags(10, full), "--packing", "--save-every", 5)
+    assert "global batch 2 sequences of 256 tokens (packed from 61 rows)" in printed
     shutil.copytree(full, out)
     shutil.rmtree(out / "adapter")
-    assert "at step 5" in run_train(*flags(10, out), "--packing", "--save-every", 5, "--resume").stdout
+    assert "at step 5" in train_here(*flags(10, out), "--packing", "--save-every", 5, "--resume")
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (full / "adapter" / "adapter_model.safetensors").read_bytes()
     assert losses(out) == losses(full)
-    run_train(*flags(1, tmp_path / "plain"))
+    train_here(*flags(1, tmp_path / "plain"))
     assert losses(tmp_path / "plain")[0] == losses(full)[0] and losses(full)[0]["step"] == 0  # eval before training

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import CPU_ONLY, ROOT, run_train
+from conftest import CPU_ONLY, ROOT, train_here, train_refused
 
 STEPS = ["--max-steps", 12, "--batch-size", 2, "--log-every", 1, "--eval-every", 4, "--eval-exact-match", 0,
          "--save-every", 3]
@@ -37,7 +37,7 @@ def kill_after_checkpoint(cmd, out, step):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "out"
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS)
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS)
     return out
 
 
@@ -45,8 +45,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_pat
     out = tmp_path / "out"
     args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
     kill_after_checkpoint([sys.executable, "train.py", *map(str, args)], out, 6)
-    proc = run_train(*args, "--resume")
-    assert "resumed from" in proc.stdout
+    assert "resumed from" in train_here(*args, "--resume")
     with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
             open(uninterrupted / "adapter" / "adapter_model.safetensors", "rb") as b:
         assert a.read() == b.read()
@@ -80,8 +79,8 @@ def test_half_written_checkpoints_are_never_picked(tiny_model_dir, tiny_data, tm
     shutil.copytree(ckpt / "step-9", ckpt / ".step-12.tmp")
     (ckpt / ".step-12.tmp" / "state-rank0.safetensors").write_bytes(b"garbage")
     (ckpt / "latest").write_text(json.dumps({"checkpoint": "step-12"}))  # points nowhere complete
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume")
-    assert f"resumed from {ckpt / 'step-9'} at step 9" in proc.stdout
+    printed = train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume")
+    assert f"resumed from {ckpt / 'step-9'} at step 9" in printed
     with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
             open(uninterrupted / "adapter" / "adapter_model.safetensors", "rb") as b:
         assert a.read() == b.read()
@@ -98,20 +97,19 @@ def test_checkpoint_holds_no_pickle_and_the_run_flags(uninterrupted):
 def test_resume_with_other_math_is_refused(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume",
-                     "--lora-r", 4, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == ("error: cannot resume: --lora-r was 8 in the checkpoint but is 4 now; "
-                                   "a resumed run must repeat the original's flags")
+    message = train_refused("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume",
+                            "--lora-r", 4)
+    assert message == ("cannot resume: --lora-r was 8 in the checkpoint but is 4 now; "
+                       "a resumed run must repeat the original's flags")
 
 
 def test_previous_run_needs_resume_or_overwrite(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, check=False)
-    assert proc.returncode == 1 and "holds a previous run; pass --resume" in proc.stderr
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2, "--batch-size", 2,
-              "--eval-exact-match", 0, "--overwrite")
+    assert "holds a previous run; pass --resume" in train_refused("--model", tiny_model_dir, "--data", tiny_data,
+                                                                  "--out", out, *STEPS)
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2, "--batch-size", 2,
+               "--eval-exact-match", 0, "--overwrite")
     assert not os.path.exists(out / "checkpoints")  # the old run is gone
     assert [r["step"] for r in losses(out)] == [0, 2, 2]  # eval before training, then step 2's loss and eval
 
@@ -123,12 +121,10 @@ def test_resume_without_a_checkpoint(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
     args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2, "--batch-size", 2,
             "--eval-exact-match", 0]
-    run_train(*args)
-    proc = run_train(*args, "--resume", "--lr", 1e-2, check=False)
-    assert proc.returncode == 1 and "holds a finished run (adapter/) but no checkpoint" in proc.stderr
+    train_here(*args)
+    assert "holds a finished run (adapter/) but no checkpoint" in train_refused(*args, "--resume", "--lr", 1e-2)
     shutil.rmtree(out / "adapter")  # as if it had died before writing it
-    proc = run_train(*args, "--resume")
-    assert "no checkpoint in" in proc.stdout
+    assert "no checkpoint in" in train_here(*args, "--resume")
     assert [r["step"] for r in losses(out)] == [0, 2, 2]
 
 
@@ -142,9 +138,8 @@ def test_a_damaged_checkpoint_is_one_sentence(tiny_model_dir, tiny_data, tmp_pat
     else:
         file = step / ("trainer.json" if "trainer" in damage else "state-rank0.safetensors")
         file.write_bytes(file.read_bytes()[:40])
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"error: checkpoint {step} is damaged or incomplete" in proc.stderr
+    message = train_refused("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS, "--resume")
+    assert message.startswith(f"checkpoint {step} is damaged or incomplete")
 
 
 def interrupt_when(cmd, ready):
@@ -177,9 +172,8 @@ def test_ctrl_c_is_one_line_and_the_checkpoints_resume(tiny_model_dir, tiny_data
 
 
 def test_non_finite_loss_stops_with_the_step(tiny_model_dir, tiny_data, tmp_path):
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--lr", 1e30,
-                     "--max-steps", 10, "--batch-size", 2, "--warmup-steps", 0, "--save-every", 1,
-                     "--eval-exact-match", 0, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "error: the training loss is nan at step 2; stopping. Last good checkpoint:" in proc.stderr
-    assert "step-1" in proc.stderr
+    message = train_refused("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--lr", 1e30,
+                            "--max-steps", 10, "--batch-size", 2, "--warmup-steps", 0, "--save-every", 1,
+                            "--eval-exact-match", 0)
+    assert message.startswith("the training loss is nan at step 2; stopping. Last good checkpoint:")
+    assert "step-1" in message

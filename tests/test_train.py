@@ -1,4 +1,5 @@
-"""train.py end to end, run as a user runs it: in a subprocess, on a tiny model."""
+"""train.py end to end on a tiny model: run as a user runs it (a subprocess) where the process is what is
+tested (exit code, the one line on stderr), else its main() in this process."""
 import importlib.util
 import json
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_train, train_here, train_refused, train_script
 from nanotune import UserError
 from nanotune.generate import main as generate_main
 from nanotune.lora import load_adapter
@@ -47,8 +48,8 @@ def test_lora_run_lowers_the_loss_and_writes_a_loadable_adapter(tiny_model_dir, 
 
 def test_full_fine_tune_writes_an_hf_model(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 3,
-              "--batch-size", 4, "--no-lora", "--eval-exact-match", 0)
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 3,
+               "--batch-size", 4, "--no-lora", "--eval-exact-match", 0)
     drawn = ["loss.png"] if importlib.util.find_spec("matplotlib") else []  # the run report, nanotune[plot]
     assert sorted(os.listdir(out)) == ["data-cache", *drawn, "metrics.jsonl", "model"]
     before, after = from_pretrained(tiny_model_dir), from_pretrained(str(out / "model"))
@@ -58,8 +59,8 @@ def test_full_fine_tune_writes_an_hf_model(tiny_model_dir, tiny_data, tmp_path):
 
 def test_merge_writes_a_model_equal_to_the_adapted_one(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 5,
-              "--batch-size", 4, "--lr", 1e-2, "--merge", "--eval-exact-match", 0)
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 5,
+               "--batch-size", 4, "--lr", 1e-2, "--merge", "--eval-exact-match", 0)
     adapted = load_adapter(from_pretrained(tiny_model_dir), out / "adapter").eval()
     merged = from_pretrained(str(out / "merged"))
     ids = torch.randint(0, 320, (2, 8))
@@ -69,15 +70,15 @@ def test_merge_writes_a_model_equal_to_the_adapted_one(tiny_model_dir, tiny_data
 
 def test_generate_cli(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2,
-              "--batch-size", 4, "--eval-exact-match", 0, "--num-layers", 1)
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2,
+               "--batch-size", 4, "--eval-exact-match", 0, "--num-layers", 1)
     cli = [sys.executable, "-m", "nanotune.generate", "--model", tiny_model_dir, "--adapter", str(out / "adapter"),
            "--prompt", "Reverse the words.", "--input", "red cat", "--max-new-tokens", "5", "--temperature", "0.8",
            "--top-k", "5"]
     proc = subprocess.run([*cli, "--num-layers", "1"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 1 and "pass the same --num-layers" in proc.stderr
+    with pytest.raises(SystemExit, match="pass the same --num-layers"):
+        generate_main(cli[3:])
     sample = ["--model", tiny_model_dir, "--prompt", "Reverse the words.", "--max-new-tokens", "3"]
     generate_main([*sample, "--temperature", "1", "--top-k", "100000", "--top-p", "0.9"])  # k beyond the vocabulary
     for bad in (["--temperature", "-1"], ["--top-p", "0"]):
@@ -90,9 +91,8 @@ def test_a_device_this_machine_lacks_is_one_sentence(tiny_model_dir, tiny_data, 
     missing = "cuda:99" if torch.cuda.is_available() else "cuda"
     for device, message in (("gpu", "--device 'gpu' is not a device; use cpu, cuda or cuda:N"),
                             (missing, f"--device {missing}: this machine has {torch.cuda.device_count()} usable")):
-        proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--device", device,
-                         check=False, gpu=True)
-        assert proc.returncode == 1 and f"error: {message}" in proc.stderr and "Traceback" not in proc.stderr
+        assert message in train_refused("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o",
+                                        "--device", device)
         with pytest.raises(SystemExit, match=message):
             generate_main(["--model", str(tiny_model_dir), "--prompt", "hi", "--device", device])
 
@@ -102,23 +102,23 @@ def test_adapter_flags_that_contradict_the_adapter_are_refused(tiny_model_dir, t
     would be silently ignored, so it is refused. The same value, or the default, is fine."""
     common = ["--model", tiny_model_dir, "--data", tiny_data, "--max-steps", 1, "--batch-size", 4,
               "--eval-exact-match", 0]
-    run_train(*common, "--out", tmp_path / "a", "--lora-r", 4)
+    train_here(*common, "--out", tmp_path / "a", "--lora-r", 4)
     adapter = tmp_path / "a" / "adapter"
-    run_train(*common, "--out", tmp_path / "b", "--adapter", adapter, "--lora-r", 4)
-    proc = run_train(*common, "--out", tmp_path / "c", "--adapter", adapter, "--lora-r", 2, check=False)
-    assert proc.returncode == 1 and f"error: --lora-r 2 contradicts the adapter's r = 4 in {adapter}" in proc.stderr
+    train_here(*common, "--out", tmp_path / "b", "--adapter", adapter, "--lora-r", 4)
+    message = train_refused(*common, "--out", tmp_path / "c", "--adapter", adapter, "--lora-r", 2)
+    assert message.startswith(f"--lora-r 2 contradicts the adapter's r = 4 in {adapter}")
 
 
 def test_a_val_fraction_that_holds_out_nothing_is_said(tiny_model_dir, tiny_data, tmp_path):
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--max-steps", 1,
-                     "--batch-size", 4, "--val-fraction", 0.001)
-    assert "note: --val-fraction 0.001 of 64 rows holds out none, so there is no evaluation" in proc.stdout
+    printed = train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--max-steps", 1,
+                         "--batch-size", 4, "--val-fraction", 0.001)
+    assert "note: --val-fraction 0.001 of 64 rows holds out none, so there is no evaluation" in printed
 
 
 def test_merge_cli_never_replaces_an_existing_folder(tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
-    run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 1, "--batch-size", 4,
-              "--eval-exact-match", 0)
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 1, "--batch-size", 4,
+               "--eval-exact-match", 0)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     for target in (tmp_path / "notes", tmp_path / "notes" / "keep.txt", tiny_model_dir):
@@ -132,20 +132,20 @@ def test_merge_cli_never_replaces_an_existing_folder(tiny_model_dir, tiny_data, 
     assert os.path.exists(tmp_path / "merged" / "model.safetensors")
 
 
-def test_bf16_lora_weights_train_and_fp16_ones_are_not_offered(tiny_model_dir, tiny_data, tmp_path):
+def test_bf16_lora_weights_train_and_fp16_ones_are_not_offered(tiny_model_dir, tiny_data, tmp_path, capsys):
     """--lora-dtype bf16 follows the fp32 run to bf16's rounding and saves bf16 tensors."""
     losses = {}
     for dtype in ("fp32", "bf16"):
-        run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / dtype, "--max-steps", 10,
-                  "--batch-size", 4, "--lr", 1e-2, "--warmup-steps", 2, "--log-every", 1, "--eval-every", 0,
-                  "--eval-exact-match", 0, "--lora-dtype", dtype)
+        train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / dtype, "--max-steps", 10,
+                   "--batch-size", 4, "--lr", 1e-2, "--warmup-steps", 2, "--log-every", 1, "--eval-every", 0,
+                   "--eval-exact-match", 0, "--lora-dtype", dtype)
         losses[dtype] = [r["loss"] for r in metrics(tmp_path / dtype) if "loss" in r]
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=1e-2) and losses["bf16"][-1] < losses["bf16"][0] - 0.2
     saved = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
     assert saved and all(t.dtype == torch.bfloat16 for t in saved.values())
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "fp16", "--lora-dtype",
-                     "fp16", check=False)
-    assert proc.returncode == 2 and "invalid choice: 'fp16'" in proc.stderr
+    with pytest.raises(SystemExit) as e:
+        train_script().parse_args(["--lora-dtype", "fp16"])
+    assert e.value.code == 2 and "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -158,33 +158,27 @@ def test_bf16_lora_weights_train_and_fp16_ones_are_not_offered(tiny_model_dir, t
     (["--keep", -1], "--keep must be >= 0, got -1"),
     (["--max-grad-norm", -1], "--max-grad-norm must be >= 0, got -1.0"),
     (["--weight-decay", -1], "--weight-decay must be >= 0, got -1.0"),
+    (["--batch-size", 0], "--batch-size must be >= 1, got 0"),
+    (["--max-steps", 0], "--max-steps must be >= 1 (or -1 to use --epochs), got 0"),
 ])
 def test_every_number_flag_is_checked(tmp_path, flags, message):
     """check_args in-process (fast); test_nonsensical_numbers runs train.py for the exit code."""
-    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = train_script()
     with pytest.raises(UserError) as e:
         train.check_args(train.parse_args(["--out", str(tmp_path / "o"), *map(str, flags)]))
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--lr", 0], "error: --lr must be > 0 and finite, got 0.0"),
-    (["--batch-size", 0], "error: --batch-size must be >= 1, got 0"),
-    (["--max-steps", 0], "error: --max-steps must be >= 1 (or -1 to use --epochs), got 0"),
-])
-def test_nonsensical_numbers(tiny_model_dir, tiny_data, tmp_path, flags, message):
-    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path, *flags, check=False)
-    assert proc.returncode == 1 and proc.stderr.strip() == message
+def test_nonsensical_numbers(tiny_model_dir, tiny_data, tmp_path):
+    proc = run_train("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path, "--lr", 0, check=False)
+    assert proc.returncode == 1 and proc.stderr == "error: --lr must be > 0 and finite, got 0.0\n"
 
 
 def test_bad_paths_are_one_line_and_nonzero(tiny_model_dir, tiny_data, tmp_path):
-    def fails(*args):
-        proc = run_train(*args, check=False)
-        assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
-        return proc.stderr
-    assert "does not exist" in fails("--model", tmp_path / "none", "--data", tiny_data, "--out", tmp_path / "o")
+    proc = run_train("--model", tmp_path / "none", "--data", tiny_data, "--out", tmp_path / "o", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "does not exist" in proc.stderr
+    fails = train_refused  # the same sentence, without a process each
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(tiny_model_dir, no_tokenizer)
     os.remove(no_tokenizer / "tokenizer.json")
