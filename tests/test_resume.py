@@ -32,6 +32,7 @@ def kill_after_checkpoint(cmd, out, step):
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not os.path.exists(os.path.join(out, "adapter")), "the run finished before the kill landed"
 
 
 @pytest.fixture(scope="module")
