@@ -146,9 +146,12 @@ def test_a_damaged_checkpoint_is_one_sentence(tiny_model_dir, tiny_data, tmp_pat
 def interrupt_when(cmd, ready):
     """Start a run and send it Ctrl-C (SIGINT) once ready() holds; returns (exit status, stdout, stderr).
     The run is far longer than the test waits, so the signal always lands mid-run, however slow the
-    machine: no race with the run's own end."""
+    machine: no race with the run's own end. The child starts with Ctrl-C's default action, as in a
+    terminal: a process started in the background by a shell inherits SIGINT ignored, and Python then
+    never raises KeyboardInterrupt."""
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**CPU_ONLY, "OMP_NUM_THREADS": "1"})
+                            env={**CPU_ONLY, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not ready(proc):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be interrupted"
