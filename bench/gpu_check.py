@@ -138,7 +138,7 @@ def tests_command(run):
 
 def pytest_collection_modifyitems(config, items):
     """Keep tests/test_gpu.py and every case of a test function that has a case marked skipif
-    'needs a CUDA GPU' (its CPU cases too: on a GPU machine the tests' run_train(gpu=True) trains on the GPU)."""
+    'needs a CUDA GPU' (its CPU cases too: on a GPU machine the tests' gpu=True runs train on the GPU)."""
     def cuda_marked(item):
         return any(m.name == "skipif" and "CUDA" in str(m.kwargs.get("reason", "")) for m in item.iter_markers())
     functions = {item.nodeid.split("[")[0] for item in items if cuda_marked(item)}
