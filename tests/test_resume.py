@@ -22,17 +22,13 @@ def losses(out):
             for r in rows]
 
 
-def kill_after_checkpoint(cmd, out, step):
-    """Start a run, SIGKILL its whole process group as soon as checkpoint `step` exists."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**CPU_ONLY, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while not os.path.exists(os.path.join(out, "checkpoints", f"step-{step}")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(out, "adapter")), "the run finished before the kill landed"
+def killed_at_save(cmd, step):
+    """Run cmd (tests/kill_at_save.py, alone or under torchrun), whose rank 0 SIGKILLs itself as it starts
+    to write checkpoint `step`: the run must have died of that kill."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**CPU_ONLY, "OMP_NUM_THREADS": "1", "KILL_AT_STEP": str(step)})
+    alone = proc.returncode == -signal.SIGKILL
+    assert alone or (proc.returncode == 1 and "Signal 9 (SIGKILL) received by PID" in proc.stderr), proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +41,8 @@ def uninterrupted(tiny_model_dir, tiny_data, tmp_path_factory):
 def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path, uninterrupted):
     out = tmp_path / "out"
     args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
-    kill_after_checkpoint([sys.executable, "train.py", *map(str, args)], out, 6)
-    assert "resumed from" in train_here(*args, "--resume")
+    killed_at_save([sys.executable, "tests/kill_at_save.py", *map(str, args)], 9)
+    assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6" in train_here(*args, "--resume")
     with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
             open(uninterrupted / "adapter" / "adapter_model.safetensors", "rb") as b:
         assert a.read() == b.read()
@@ -54,15 +50,16 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_pat
 
 
 def test_ddp_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path):
-    def torchrun(out, port):
+    def torchrun(out, port, script="train.py"):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "train.py", *map(str, ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS])]
+                script, *map(str, ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS])]
     full, out = tmp_path / "full", tmp_path / "out"
     subprocess.run(torchrun(full, 29811), cwd=ROOT, check=True, capture_output=True, env=CPU_ONLY)
-    kill_after_checkpoint(torchrun(out, 29812), out, 6)
+    killed_at_save(torchrun(out, 29812, "tests/kill_at_save.py"), 9)
     proc = subprocess.run(torchrun(out, 29813) + ["--resume"], cwd=ROOT, capture_output=True, text=True,
                           env=CPU_ONLY)
     assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6" in proc.stdout
     with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
             open(full / "adapter" / "adapter_model.safetensors", "rb") as b:
         assert a.read() == b.read()
