@@ -25,6 +25,7 @@ from nanotune.compile import compile_blocks
 from nanotune.data import Batches, collate, show, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
                                   full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
+from nanotune.elastic import PREEMPTED, Preempted, StopSignals
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
@@ -138,7 +139,8 @@ def main(args):
     check_args(args)
     world = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload)
     try:
-        train(args, world)
+        with StopSignals() as stop:  # SIGTERM / SIGUSR1: checkpoint the current step, exit PREEMPTED
+            train(args, world, stop)
     finally:
         compute_cleanup()
     if args.merge and world.is_main:  # after the group is gone, so no rank waits (and times out) while rank 0 merges
@@ -148,7 +150,7 @@ def main(args):
         print(f"saved {os.path.join(args.out, 'merged')} (the adapter folded into the base)", flush=True)
 
 
-def train(args, world):
+def train(args, world, stop):
     precision = resolve(args.precision, world.device)
     check_combination(args, world)
     torch.manual_seed(args.seed)
@@ -224,7 +226,8 @@ def train(args, world):
             step_loss += loss.item() / world.size
             tokens_seen += batch[0].numel() * world.size  # computed positions, padding included
         trained_seen += n_tokens
-        step_loss = all_reduce_sum([step_loss])[0]
+        # The stop request rides on the loss's sum: any rank signalled, every rank stops after this step.
+        step_loss, stopping = all_reduce_sum([step_loss, float(stop.received is not None)])
         if not math.isfinite(step_loss):
             last_good = find_checkpoint(args.out, "latest")
             raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
@@ -250,8 +253,12 @@ def train(args, world):
                         trained_tokens_per_s=trained_seen / elapsed, padding_efficiency=trained_seen / tokens_seen)
         if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
             report_eval(wrapped, val, [], done, f"step {done}", args, template, world, precision, metrics)
-        if args.save_every and done % args.save_every == 0 and done < total:
+        if done < total and ((args.save_every and done % args.save_every == 0) or stopping):
             path = save(args.out, done, wrapped, world, named_trainable, optimizer, scaler, vars(args), args.keep)
+            if stopping:
+                print0(f"stopped by {stop.received or 'a signal to another rank'} after step {done}, checkpoint "
+                       f"{path}: continue with --resume --out {args.out}")
+                raise Preempted
             print0(f"step {done}: checkpoint {path}")
     if scored:
         report_eval(wrapped, [], scored, total, "after training", args, template, world, precision, metrics)
@@ -484,6 +491,8 @@ if __name__ == "__main__":
         print(f"\ninterrupted; checkpoints written so far are complete: continue with --resume --out {args.out}",
               file=sys.stderr)
         code = 130
+    except Preempted:
+        code = PREEMPTED
     # Skip the interpreter's teardown: everything is written, fsynced and flushed. After a gloo run,
     # gloo's worker threads may still be freeing finished collectives that hold Python tensors, and
     # one that takes the GIL while the interpreter shuts down aborts the process (SIGABRT after a

@@ -1,6 +1,8 @@
-"""Checkpoints: atomic, exact resume after SIGKILL, refusal of a resume that changes the math."""
+"""Checkpoints: atomic, exact resume after SIGKILL or a stop by SIGTERM/SIGUSR1, refusal of a resume that changes
+the math."""
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -10,6 +12,7 @@ import time
 import pytest
 
 from conftest import CPU_ONLY, ROOT, train_here, train_refused
+from nanotune.elastic import PREEMPTED
 
 STEPS = ["--max-steps", 12, "--batch-size", 2, "--log-every", 1, "--eval-every", 4, "--eval-exact-match", 0,
          "--save-every", 3]
@@ -43,27 +46,81 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_pat
     args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
     killed_at_save([sys.executable, "tests/kill_at_save.py", *map(str, args)], 9)
     assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6" in train_here(*args, "--resume")
+    same_run(out, uninterrupted)
+
+
+def torchrun(port, script, out, flags, *more):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            script, *map(str, [*flags, "--out", out, *STEPS, *more])]
+
+
+@pytest.fixture(scope="module")
+def ddp_uninterrupted(tiny_model_dir, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "out"
+    subprocess.run(torchrun(29811, "train.py", out, ["--model", tiny_model_dir, "--data", tiny_data]), cwd=ROOT,
+                   check=True, capture_output=True, env=CPU_ONLY, timeout=300)
+    return out
+
+
+def same_run(out, reference):
     with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
-            open(uninterrupted / "adapter" / "adapter_model.safetensors", "rb") as b:
+            open(reference / "adapter" / "adapter_model.safetensors", "rb") as b:
         assert a.read() == b.read()
-    assert losses(out) == losses(uninterrupted)
+    assert losses(out) == losses(reference)
 
 
-def test_ddp_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path):
-    def torchrun(out, port, script="train.py"):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                script, *map(str, ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS])]
-    full, out = tmp_path / "full", tmp_path / "out"
-    subprocess.run(torchrun(full, 29811), cwd=ROOT, check=True, capture_output=True, env=CPU_ONLY)
-    killed_at_save(torchrun(out, 29812, "tests/kill_at_save.py"), 9)
-    proc = subprocess.run(torchrun(out, 29813) + ["--resume"], cwd=ROOT, capture_output=True, text=True,
-                          env=CPU_ONLY)
+def test_ddp_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path, ddp_uninterrupted):
+    out, flags = tmp_path / "out", ["--model", tiny_model_dir, "--data", tiny_data]
+    killed_at_save(torchrun(29812, "tests/kill_at_save.py", out, flags), 9)
+    proc = subprocess.run(torchrun(29813, "train.py", out, flags, "--resume"), cwd=ROOT, capture_output=True,
+                          text=True, env=CPU_ONLY, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6" in proc.stdout
-    with open(out / "adapter" / "adapter_model.safetensors", "rb") as a, \
-            open(full / "adapter" / "adapter_model.safetensors", "rb") as b:
-        assert a.read() == b.read()
-    assert losses(out) == losses(full)
+    same_run(out, ddp_uninterrupted)
+
+
+def stopped_by_signal(cmd, step, signal_name, rank):
+    """Run cmd (tests/signal_at_step.py, alone or under torchrun), whose rank `rank` sends itself `signal_name`
+    as it starts step `step`, and SIGTERM and SIGUSR1 again while it writes that step's checkpoint: the run
+    must checkpoint the step, complete, and stop with PREEMPTED; returns its (exit status, stdout, stderr)."""
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**CPU_ONLY, "OMP_NUM_THREADS": "1", "SIGNAL_AT_STEP": str(step),
+                               "SIGNAL_RANK": str(rank), "SIGNAL": signal_name})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_sigterm_checkpoints_the_step_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path,
+                                                                    uninterrupted):
+    """Also: the second signal, during the save, leaves the checkpoint complete."""
+    step = random.randint(1, 11)  # any step but the last (12), which ends the run anyway
+    out = tmp_path / "out"
+    args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
+    code, stdout, stderr = stopped_by_signal([sys.executable, "tests/signal_at_step.py", *map(str, args)], step,
+                                             "SIGTERM", 0)
+    checkpoint = out / "checkpoints" / f"step-{step}"
+    assert code == PREEMPTED and not stderr, (step, stderr)
+    assert stdout.splitlines()[-1] == (f"stopped by SIGTERM after step {step}, checkpoint {checkpoint}: continue with "
+                                       f"--resume --out {out}")
+    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".")]
+    assert f"resumed from {checkpoint} at step {step}" in train_here(*args, "--resume")
+    same_run(out, uninterrupted)
+
+
+def test_ddp_sigusr1_to_one_rank_stops_both_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path,
+                                                                          ddp_uninterrupted):
+    step = random.randint(1, 11)
+    out, flags = tmp_path / "out", ["--model", tiny_model_dir, "--data", tiny_data]
+    code, stdout, stderr = stopped_by_signal(torchrun(29814, "tests/signal_at_step.py", out, flags), step,
+                                             "SIGUSR1", 1)
+    checkpoint = out / "checkpoints" / f"step-{step}"
+    assert code != 0 and stderr.count(f"exitcode  : {PREEMPTED} ") == 2, (step, stderr)  # both ranks
+    assert (f"stopped by a signal to another rank after step {step}, checkpoint {checkpoint}: continue with "
+            f"--resume --out {out}") in stdout
+    proc = subprocess.run(torchrun(29815, "train.py", out, flags, "--resume"), cwd=ROOT, capture_output=True,
+                          text=True, env=CPU_ONLY, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {checkpoint} at step {step}" in proc.stdout
+    same_run(out, ddp_uninterrupted)
 
 
 def test_half_written_checkpoints_are_never_picked(tiny_model_dir, tiny_data, tmp_path, uninterrupted):

@@ -1,0 +1,38 @@
+"""Jobs that survive their machines: a run told to stop by a signal finishes its step and checkpoints it.
+
+Who sends the signals: Slurm at a job's time limit (SIGTERM; with --signal=USR1@120, SIGUSR1 two
+minutes before), Kubernetes and spot/preemptible instances (SIGTERM, then SIGKILL after a grace
+period), and torchrun's agent when it stops its workers, e.g. because a node joins an elastic job
+(the signal it received, or SIGTERM; SIGKILL 30 s later, --shutdown-timeout).
+
+A signal handler only records that a stop was asked for; the training loop looks once per step,
+with the loss it already sums over the ranks (no extra collective), so every rank stops after the
+same step even when only one was signalled. That step is checkpointed as any other (complete and
+atomic), and the run exits with PREEMPTED.
+"""
+import signal
+
+PREEMPTED = 75  # exit status after a signal's checkpoint: EX_TEMPFAIL of sysexits.h, "try again later"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised by train() once the checkpoint of the step a signal stopped is written."""
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 set `received` (the first one's name) instead of ending the
+    process. A second signal, say while the checkpoint is written, changes nothing: the save goes on.
+    The previous handlers come back on exit."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {s: signal.signal(s, self.handle) for s in SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
