@@ -25,7 +25,7 @@ from nanotune.compile import compile_blocks
 from nanotune.data import Batches, collate, show, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
                                   full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
-from nanotune.elastic import PREEMPTED, Preempted, StopSignals
+from nanotune.elastic import PREEMPTED, Preempted, StopSignals, grad_accum_for
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
@@ -93,6 +93,9 @@ def parse_args(argv=None):
     a("--epochs", type=float, default=4, help="passes over the training rows, when --max-steps is -1")
     a("--batch-size", type=int, default=16, help="rows per micro-batch, per process")
     a("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    a("--global-batch", type=int, help="rows (or packed sequences) per optimizer step over all processes; "
+      "--grad-accum becomes N / (--batch-size x processes), so a job that restarts on another number of "
+      "processes keeps its trajectory (None: --batch-size x --grad-accum x processes)")
     a("--lr", type=float, default=3e-3, help="peak learning rate")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--warmup-steps", type=int, default=20, help="linear warm-up steps, then cosine decay to lr / 10")
@@ -153,6 +156,8 @@ def main(args):
 def train(args, world, stop):
     precision = resolve(args.precision, world.device)
     check_combination(args, world)
+    if args.global_batch is not None:
+        args.grad_accum = grad_accum_for(args.global_batch, args.batch_size, world.size, args.grad_accum)
     torch.manual_seed(args.seed)
     checkpoint = find_resume(args, world)  # first, so a resume with other flags fails before anything loads
 

@@ -17,8 +17,8 @@ RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", 
              "keep", "merge", "local_rank", "data_cache", "compile", "save_dtype", "max_shard_size"}
 # How the work is spread over processes: a resume may change these too, if the global batch (micro-batch x
 # grad-accum x processes) stays the same, so that every step reads the very same rows (data.Batches).
-LAYOUT = {"world_size", "batch_size", "grad_accum", "strategy", "fsdp_sharding", "fsdp_prefetch", "fsdp_offload",
-          "zero_stage", "zero_offload", "deepspeed_config"}
+LAYOUT = {"world_size", "batch_size", "grad_accum", "global_batch", "strategy", "fsdp_sharding", "fsdp_prefetch",
+          "fsdp_offload", "zero_stage", "zero_offload", "deepspeed_config"}
 
 
 def check_args(args):
@@ -107,8 +107,8 @@ def check_resume(saved: dict, args, world_size: int):
                             f"is {now.get(key)!r} now; a resumed run must repeat the original's flags")
     before, after = ([run["batch_size"], run["grad_accum"], run["world_size"]] for run in (saved, now))
     if math.prod(before) != math.prod(after):
-        raise UserError("cannot resume: the global batch was {} rows (--batch-size {} x --grad-accum {} x {} "
-                        "process(es)) in the checkpoint but is {} rows ({} x {} x {}) now; another number of "
+        raise UserError("cannot resume: the global batch was {0} rows (--batch-size {1} x --grad-accum {2} x {3} "
+                        "process(es)) in the checkpoint but is {4} rows ({5} x {6} x {7}) now; another number of "
                         "processes may continue a run only with the same global batch, so set --batch-size and "
-                        "--grad-accum to make it {} again".format(math.prod(before), *before, math.prod(after),
-                                                                 *after, math.prod(before)))
+                        "--grad-accum to make it {0} again (or --global-batch {0})".format(
+                            math.prod(before), *before, math.prod(after), *after))

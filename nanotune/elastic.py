@@ -1,4 +1,5 @@
-"""Jobs that survive their machines: a run told to stop by a signal finishes its step and checkpoints it.
+"""Jobs that survive their machines: a run told to stop by a signal finishes its step and checkpoints it,
+and a fixed global batch lets a job restart on another number of processes on the same trajectory.
 
 Who sends the signals: Slurm at a job's time limit (SIGTERM; with --signal=USR1@120, SIGUSR1 two
 minutes before), Kubernetes and spot/preemptible instances (SIGTERM, then SIGKILL after a grace
@@ -11,6 +12,8 @@ same step even when only one was signalled. That step is checkpointed as any oth
 atomic), and the run exits with PREEMPTED.
 """
 import signal
+
+from nanotune import UserError
 
 PREEMPTED = 75  # exit status after a signal's checkpoint: EX_TEMPFAIL of sysexits.h, "try again later"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -36,3 +39,20 @@ class StopSignals:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def grad_accum_for(global_batch, micro_batch, world_size, grad_accum):
+    """--global-batch N: the gradient accumulation that makes micro-batch x accumulation x processes = N.
+    With N fixed, every step reads the same rows whatever the process count (data.Batches), so an
+    elastic job that loses or gains nodes resumes on the trajectory it was on."""
+    if global_batch < 1:
+        raise UserError(f"--global-batch must be >= 1, got {global_batch}")
+    if grad_accum != 1:
+        raise UserError(f"--global-batch {global_batch} sets --grad-accum itself (global batch / (--batch-size x "
+                        "processes)); drop --grad-accum")
+    per_pass = micro_batch * world_size
+    if global_batch % per_pass:
+        raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {micro_batch} x "
+                        f"{world_size} process(es) = {per_pass} rows; choose a multiple of {per_pass} (for a job "
+                        "whose process count changes, one that every count it may run on divides)")
+    return global_batch // per_pass

@@ -114,4 +114,4 @@ def test_a_changed_global_batch_is_refused(flags, ddp, tmp_path):
     assert train_refused(*flags, "--out", tmp_path / "a", "--grad-accum", 2, "--resume", step) == (
         "cannot resume: the global batch was 8 rows (--batch-size 2 x --grad-accum 2 x 2 process(es)) in the "
         "checkpoint but is 4 rows (2 x 2 x 1) now; another number of processes may continue a run only with the same "
-        "global batch, so set --batch-size and --grad-accum to make it 8 again")
+        "global batch, so set --batch-size and --grad-accum to make it 8 again (or --global-batch 8)")
