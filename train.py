@@ -36,7 +36,7 @@ from nanotune.quantize import quant_bits, quantize
 from nanotune.store import load_store
 from nanotune.templates import NAMES as TEMPLATES, export, load_template
 from nanotune.tokenizer import load_tokenizer
-from nanotune.zero import deepspeed_config, wrap_deepspeed
+from nanotune.zero import deepspeed_config, ds_full_state_dict, wrap_deepspeed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # No fp16: AdamW adds eps = 1e-8 to sqrt(v), which is 0 in fp16, so fp16 weights turn NaN on their first
@@ -269,7 +269,8 @@ def train(args, world, stop):
         report_eval(wrapped, [], scored, total, "after training", args, template, world, precision, metrics)
 
     # Outputs: gathered to rank 0 (FSDP, ZeRO-3), written to a temporary folder, renamed into place.
-    state = full_state_dict(wrapped, world, trainable_only=bool(args.lora or args.adapter))
+    gather = ds_full_state_dict if world.strategy == "deepspeed" else full_state_dict
+    state = gather(wrapped, world, trainable_only=bool(args.lora or args.adapter))
     if world.is_main:
         name = "adapter" if args.lora or args.adapter else "model"
         with atomic_dir(os.path.join(args.out, name)) as tmp:

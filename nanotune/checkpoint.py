@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanotune import UserError
-from nanotune.distributed import barrier, is_dtensor, like, local, print0, shard_rows
+from nanotune.distributed import barrier, even_share, is_dtensor, like, local, print0, shard_rows
 
 
 def fsync_tree(path):
@@ -121,14 +121,6 @@ def my_pieces(named_trainable, optimizer, world):
                 yield key, t.shape, first_row * math.prod(t.shape[1:]), piece if writes else piece[:0]
             else:
                 yield key, t.shape, *even_share(t.reshape(-1), world.rank, world.size)
-
-
-def even_share(flat, rank, size):
-    """(start, piece): rank's ceil(n / size) elements of a 1-D tensor every rank holds (the last share
-    shorter or empty), the same cut as ZeRO-3's partitions."""
-    n = flat.numel()
-    start = min(rank * math.ceil(n / size), n)
-    return start, flat[start:start + math.ceil(n / size)]
 
 
 def restore_weights(path, named_trainable):

@@ -1,7 +1,8 @@
 """Everything that touches torch.distributed: process-group setup from torchrun's environment,
 DDP and FSDP wrapping, and the collectives the trainer needs. No other module but DeepSpeed's
 (zero.py) imports torch.distributed, and a single-process run (--strategy none) never creates a
-process group.
+process group. Nothing here imports the rest of nanotune: zero.py and checkpoint.py build on this
+module, never the other way round.
 
 torchrun sets RANK (global index), LOCAL_RANK (index on this node), WORLD_SIZE (all processes),
 LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process it starts.
@@ -225,12 +226,10 @@ def wrap_fsdp(model, world: World, sharding="full", prefetch=False, offload=Fals
 
 def full_state_dict(model, world: World, trainable_only=False) -> dict:
     """The model's state (only its trainable part, e.g. the adapter, if asked) on rank 0's CPU,
-    gathered from the shards under FSDP and ZeRO-3 (every rank must call this); {} on other ranks."""
-    module = model.module if world.strategy in ("ddp", "deepspeed") else model
+    gathered from the shards under FSDP (every rank must call this); {} on other ranks. DeepSpeed's
+    engine has its own: zero.ds_full_state_dict."""
+    module = model.module if world.strategy == "ddp" else model
     names = {n for n, p in module.named_parameters() if p.requires_grad} if trainable_only else None
-    if world.strategy == "deepspeed":
-        from nanotune.zero import ds_full_state_dict
-        return ds_full_state_dict(model, names)
     if world.strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(
@@ -270,6 +269,14 @@ def shard_rows(t):
         else:  # Replicate
             writes = writes and coordinate[dim] == 0
     return first_row, writes
+
+
+def even_share(flat, rank, size):
+    """(start, piece): rank's ceil(n / size) elements of a 1-D tensor every rank holds (the last share
+    shorter or empty), the same cut as ZeRO-3's partitions."""
+    n = flat.numel()
+    start = min(rank * math.ceil(n / size), n)
+    return start, flat[start:start + math.ceil(n / size)]
 
 
 def like(param, shard):

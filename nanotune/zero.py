@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from nanotune import UserError
-from nanotune.checkpoint import even_share
+from nanotune.distributed import even_share
 
 FLAG_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
              "gradient_clipping")
@@ -88,10 +88,12 @@ def wrap_deepspeed(model, optimizer, world, config):
     return engine
 
 
-def ds_full_state_dict(engine, names=None) -> dict:
-    """The model's state (only `names`, if given) complete on rank 0's CPU, {} elsewhere. A ZeRO-3
-    parameter holds an empty placeholder until gathered: saving it as is writes size-0 tensors."""
+def ds_full_state_dict(engine, world, trainable_only=False) -> dict:
+    """The model's state (only its trainable part, if asked) complete on rank 0's CPU, {} elsewhere, as
+    distributed.full_state_dict for the other strategies. A ZeRO-3 parameter holds an empty placeholder
+    until gathered: saving it as is writes size-0 tensors."""
     import deepspeed
+    names = {n for n, p in engine.module.named_parameters() if p.requires_grad} if trainable_only else None
     out = {}
     for key, t in engine.module.state_dict(keep_vars=True).items():
         if names is not None and key not in names:

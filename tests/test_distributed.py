@@ -1,4 +1,5 @@
 """DDP and FSDP on CPU with gloo: 2 processes match 1 process with the same global batch."""
+import ast
 import os
 import signal
 import subprocess
@@ -153,3 +154,26 @@ def test_a_dead_rank_ends_the_job_and_the_checkpoint_survives(tiny_model_dir, ti
     latest = find_checkpoint(str(out), "latest")
     assert latest and all(load_file(os.path.join(latest, f)) is not None
                           for f in os.listdir(latest) if f.endswith(".safetensors"))
+
+
+def test_library_imports_point_one_way():
+    """No module of nanotune imports, even lazily inside a function, one that imports it back (checkpoint,
+    distributed and zero once formed a circle): the import graph has no cycle."""
+    package = os.path.join(ROOT, "nanotune")
+    graph = {}
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                module = os.path.relpath(path[:-3], ROOT).replace(os.sep, ".").removesuffix(".__init__")
+                tree = ast.parse(open(path).read())
+                graph[module] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                                 and (n.module or "").startswith("nanotune")} - {module}
+    assert "nanotune.distributed" in graph["nanotune.checkpoint"]  # the graph sees imports at all
+
+    def visit(module, path):
+        assert module not in path, "import cycle: " + " -> ".join(path[path.index(module):] + [module])
+        for dep in graph.get(module, ()):
+            visit(dep, path + [module])
+    for module in graph:
+        visit(module, [])
