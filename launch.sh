@@ -3,7 +3,9 @@
 # Every argument is passed to train.py unchanged; only a leading --help/-h is launch.sh's own.
 # MASTER_ADDR/MASTER_PORT name node 0, NNODES (or NUM_NODES) and NODE_RANK (or RANK) place this node,
 # NPROC_PER_NODE or WORLD_SIZE (all processes, over every node) set the process count; under Slurm
-# its own variables fill in whatever is not set. `./launch.sh --help` describes each one.
+# its own variables fill in whatever is not set. NNODES=MIN:MAX or MAX_RESTARTS make the job elastic:
+# torchrun's c10d rendezvous restarts it, from its newest checkpoint, when a node dies or joins.
+# `./launch.sh --help` describes each variable.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -12,8 +14,8 @@ usage() {
   cat <<'EOF'
 Usage: [VAR=value ...] ./launch.sh [train.py arguments ...]
 
-Runs train.py under torchrun (static rendezvous). All arguments go to train.py; use
-"./launch.sh --max-steps 3 --help" to see train.py's own flags.
+Runs train.py under torchrun: a static job, or with NNODES=MIN:MAX or MAX_RESTARTS an elastic one.
+All arguments go to train.py; use "./launch.sh --max-steps 3 --help" to see train.py's own flags.
 
 Variables (explicit ones win over Slurm's):
   MASTER_ADDR     address of node 0                       (default: first Slurm host, else 127.0.0.1)
@@ -24,6 +26,18 @@ Variables (explicit ones win over Slurm's):
   NPROC_PER_NODE  processes (GPUs) on this node           (default: count of CUDA_VISIBLE_DEVICES if
                   set, else of "nvidia-smi -L" GPUs, else 1 on a CPU machine)
   WORLD_SIZE      total processes over all nodes; sets NPROC_PER_NODE = WORLD_SIZE / NNODES
+Elastic jobs (torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT, whose store lives on node 0):
+  NNODES=MIN:MAX  run on any number of nodes from MIN to MAX: a node that dies leaves the job on
+                  the rest (from the newest checkpoint), one that starts later joins it (from a
+                  checkpoint of the step the others were at). train.py gets --resume first, so a
+                  restarted worker continues where the job was; give train.py --global-batch N
+                  (and --save-every) so that every node count follows the same trajectory
+  MAX_RESTARTS    restarts after a failure before the job gives up       (default: 3 if elastic)
+  RDZV_ID         the job's name at the rendezvous              (default: SLURM_JOB_ID, else nanotune)
+  RDZV_CONF       torchrun --rdzv-conf: how fast a lost node is noticed and a new rendezvous closes
+                  (default: last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3)
+  LOCAL_ADDR      this node's address as the others reach it   (default: torchrun's, the hostname)
+  NODE_RANK       in an elastic job only says which node hosts the rendezvous store: 0 does
   LAUNCH_DRY_RUN  1: print the torchrun command and exit without running it
                   (useful to check a multi-node setup on every node before starting)
   PYTHON          interpreter for "-m torch.distributed.run" when torchrun is not on PATH
@@ -37,6 +51,7 @@ Examples:
   WORLD_SIZE=12 NNODES=3 RANK=2 MASTER_ADDR=10.0.0.1 ./launch.sh  # 3 machines x 4 cards, 3rd machine
   srun --nodes=2 --ntasks-per-node=1 ./launch.sh ...              # Slurm: one launch.sh per node
   LAUNCH_DRY_RUN=1 NNODES=2 NODE_RANK=1 ./launch.sh               # print the command only
+  NNODES=1:4 MASTER_ADDR=10.0.0.1 ./launch.sh --global-batch 64 --save-every 50   # elastic, on each node
 EOF
 }
 
@@ -66,14 +81,23 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
 fi
 
 NNODES="${NNODES:-${NUM_NODES:-${SL_NNODES:-1}}}"
-positive NNODES "$NNODES"
+ELASTIC=""
+if [[ "$NNODES" == *:* || -n "${MAX_RESTARTS:-}" ]]; then ELASTIC=1; fi
+if [[ "$NNODES" == *:* ]]; then
+  MIN_NODES="${NNODES%%:*}" MAX_NODES="${NNODES#*:}"
+  positive "NNODES's MIN" "$MIN_NODES"; positive "NNODES's MAX" "$MAX_NODES"
+  (( MIN_NODES <= MAX_NODES )) || die "NNODES=$NNODES: MIN must not exceed MAX."
+else
+  positive NNODES "$NNODES"
+  MAX_NODES="$NNODES"
+fi
 
 # RANK means "node rank" only for multi-node LLaMA-Factory-style launches; on one node an inherited
 # RANK is most likely a stale per-process rank, and the only valid node rank is 0 anyway.
-if [[ -z "${NODE_RANK:-}" && "$NNODES" -gt 1 && -n "${RANK:-}" ]]; then NODE_RANK="$RANK"; fi
+if [[ -z "${NODE_RANK:-}" && "$MAX_NODES" -gt 1 && -n "${RANK:-}" ]]; then NODE_RANK="$RANK"; fi
 NODE_RANK="${NODE_RANK:-${SL_NODEID:-0}}"
 [[ "$NODE_RANK" =~ ^(0|[1-9][0-9]*)$ ]] || die "NODE_RANK must be a non-negative integer, got '$NODE_RANK'."
-(( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK is out of range: it must be in [0, NNODES=$NNODES)."
+(( NODE_RANK < MAX_NODES )) || die "NODE_RANK=$NODE_RANK is out of range: it must be in [0, NNODES=$NNODES)."
 
 MASTER_ADDR="${MASTER_ADDR:-${SL_MASTER:-127.0.0.1}}"
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -92,6 +116,7 @@ gpu_count() {
   echo $(( n > 0 ? n : 1 ))
 }
 if [[ -n "${WORLD_SIZE:-}" ]]; then
+  [[ -z "$ELASTIC" ]] || die "WORLD_SIZE fixes the process count, which an elastic job changes; set NPROC_PER_NODE instead."
   positive WORLD_SIZE "$WORLD_SIZE"
   (( WORLD_SIZE % NNODES == 0 )) || die "WORLD_SIZE=$WORLD_SIZE (all processes) is not divisible by NNODES=$NNODES."
   PER_NODE=$(( WORLD_SIZE / NNODES ))
@@ -108,8 +133,23 @@ unset WORLD_SIZE RANK
 
 if command -v torchrun >/dev/null 2>&1; then RUN=(torchrun)
 else RUN=("${PYTHON:-python3}" -m torch.distributed.run); fi
-CMD=("${RUN[@]}" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --node_rank "$NODE_RANK"
-     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$HERE/train.py" "$@")
+if [[ -z "$ELASTIC" ]]; then
+  CMD=("${RUN[@]}" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --node_rank "$NODE_RANK"
+       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$HERE/train.py" "$@")
+else
+  MAX_RESTARTS="${MAX_RESTARTS:-3}"
+  [[ "$MAX_RESTARTS" =~ ^(0|[1-9][0-9]*)$ ]] || die "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'."
+  # Node 0 hosts the rendezvous store (is_host): on one machine every agent would otherwise try to.
+  CONF="${RDZV_CONF:-last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3},is_host=$(( NODE_RANK == 0 ))"
+  # Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE a running agent reuses its first store, and the round
+  # after a node joins fails (DistStoreError after 60 s; pytorch/pytorch#135712). SIGUSR1 (Slurm's
+  # --signal=USR1@N) is forwarded to the workers like SIGTERM, so they checkpoint before they stop.
+  CMD=(env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "${RUN[@]}" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE"
+       --max-restarts "$MAX_RESTARTS" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
+       --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-nanotune}}" --rdzv-conf "$CONF"
+       ${LOCAL_ADDR:+--local-addr "$LOCAL_ADDR"} --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+       "$HERE/train.py" --resume "$@")
+fi
 
 # One line, shell-quoted, so it can be copied and rerun by hand.
 printf -v LINE ' %q' "${CMD[@]}"

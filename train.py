@@ -25,7 +25,7 @@ from nanotune.compile import compile_blocks
 from nanotune.data import Batches, collate, show, split
 from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
                                   full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
-from nanotune.elastic import PREEMPTED, Preempted, StopSignals, grad_accum_for
+from nanotune.elastic import PREEMPTED, Preempted, StopSignals, grad_accum_for, restart_line
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
@@ -204,6 +204,9 @@ def train(args, world, stop):
     start_step = restore(checkpoint, wrapped, world, named_trainable, optimizer, scaler) if checkpoint else 0
     if checkpoint:
         print0(f"resumed from {checkpoint} at step {start_step}")
+        change = restart_line(read_trainer(checkpoint)["args"], args.grad_accum, world.size, checkpoint)
+        if change:  # an elastic job's new rendezvous: "restart 1: 2 -> 1 processes, gradient accumulation 1 -> 2, ..."
+            print0(change)
     metrics = Metrics(args.out, world.is_main, start_step if checkpoint else -1 if args.resume else None)
     scored = val.scored(args.eval_exact_match, template) if val else []
     if not checkpoint:

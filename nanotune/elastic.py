@@ -1,5 +1,6 @@
 """Jobs that survive their machines: a run told to stop by a signal finishes its step and checkpoints it,
-and a fixed global batch lets a job restart on another number of processes on the same trajectory.
+a fixed global batch lets a job restart on another number of processes on the same trajectory, and a
+restarted run says what changed.
 
 Who sends the signals: Slurm at a job's time limit (SIGTERM; with --signal=USR1@120, SIGUSR1 two
 minutes before), Kubernetes and spot/preemptible instances (SIGTERM, then SIGKILL after a grace
@@ -11,6 +12,7 @@ with the loss it already sums over the ranks (no extra collective), so every ran
 same step even when only one was signalled. That step is checkpointed as any other (complete and
 atomic), and the run exits with PREEMPTED.
 """
+import os
 import signal
 
 from nanotune import UserError
@@ -56,3 +58,14 @@ def grad_accum_for(global_batch, micro_batch, world_size, grad_accum):
                         f"{world_size} process(es) = {per_pass} rows; choose a multiple of {per_pass} (for a job "
                         "whose process count changes, one that every count it may run on divides)")
     return global_batch // per_pass
+
+
+def restart_line(saved, grad_accum, world_size, checkpoint):
+    """What a resumed run changed from the checkpoint's (saved: its flags), said in one line, or None for
+    a resume on the same layout that no elastic agent restarted. torchrun counts the restarts that
+    followed a failure (TORCHELASTIC_RESTART_COUNT), not those for a node that joined."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if not count and saved["world_size"] == world_size:
+        return None
+    return (f"{f'restart {count}' if count else 'new rendezvous'}: {saved['world_size']} -> {world_size} processes, "
+            f"gradient accumulation {saved['grad_accum']} -> {grad_accum}, resuming from {os.path.basename(checkpoint)}")

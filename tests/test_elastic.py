@@ -1,9 +1,18 @@
 """Jobs that survive their machines: --global-batch, and elastic jobs (torchrun's c10d rendezvous through
 launch.sh) that lose or gain a node mid-run and finish on the trajectory of an uninterrupted run.
 The stop on SIGTERM/SIGUSR1 itself is tested in test_resume.py."""
-import pytest
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
-from conftest import train_here, train_refused
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CPU_ONLY, ROOT, train_here, train_refused
 
 
 def test_global_batch_derives_the_accumulation(tiny_model_dir, tiny_data, tmp_path):
@@ -24,3 +33,112 @@ def test_global_batch_derives_the_accumulation(tiny_model_dir, tiny_data, tmp_pa
 def test_global_batch_refusals(tiny_model_dir, tiny_data, tmp_path, flags, message):
     assert train_refused("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o",
                          *flags).startswith(message)
+
+
+# --- Elastic jobs: two nodes as two torchrun agents on this machine, each started by launch.sh -------
+# Short rendezvous settings (torchrun's defaults wait 30 s for late nodes and notice a dead one after
+# 15 s); a lost node is noticed at once here anyway, since its sockets close.
+STEPS = ["--max-steps", 8, "--batch-size", 2, "--global-batch", 4, "--lora-dropout", 0, "--log-every", 1,
+         "--eval-every", 0, "--eval-exact-match", 0, "--val-fraction", 0, "--save-every", 2]
+RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
+LAUNCH, TRAIN = os.path.join(ROOT, "launch.sh"), os.path.join(ROOT, "train.py")
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="ends its processes through /proc (Linux)")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny_data, tmp_path_factory):
+    """The uninterrupted run: 1 process, the same global batch of 4 rows (grad-accum 2)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    train_here("--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS)
+    return out
+
+
+class Nodes:
+    """Nodes of one elastic job (NNODES=1:2, one process each), started as `./launch.sh` would be on each
+    machine; every process they start carries a mark in its environment, so that end() can find and end
+    them all, workers included (torchrun starts those in sessions of their own)."""
+
+    def __init__(self, port, folder):
+        self.port, self.folder, self.mark = port, folder, f"{os.getpid()}-{port}"
+        self.env = {**CPU_ONLY, "OMP_NUM_THREADS": "1", "NNODES": "1:2", "NPROC_PER_NODE": "1", "MAX_RESTARTS": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_ADDR": "127.0.0.1",
+                    "RDZV_ID": f"test-{port}", "RDZV_CONF": RDZV_CONF, "PYTHON": sys.executable,
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+                    "NANOTUNE_TEST_NODES": self.mark}
+
+    def start(self, rank, args, script=None, **env):
+        """Node `rank`'s launch.sh; with `script`, the torchrun command launch.sh prints, running script in
+        place of train.py (a test double that misbehaves at a known step)."""
+        env = {**self.env, "NODE_RANK": str(rank), **env}
+        cmd = [LAUNCH, *map(str, args)]
+        if script:
+            printed = subprocess.run(cmd, env={**env, "LAUNCH_DRY_RUN": "1"}, capture_output=True, text=True,
+                                     check=True, timeout=30).stdout
+            cmd = shlex.split(printed.removeprefix("launch.sh:"))
+            cmd[cmd.index(TRAIN)] = os.path.join(ROOT, script)
+        with open(self.folder / f"node{rank}.log", "w") as log:
+            return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def log(self):
+        return "".join((self.folder / f"node{rank}.log").read_text() for rank in (0, 1)
+                       if (self.folder / f"node{rank}.log").exists())
+
+    def end(self):
+        """SIGKILL every process this job started that is still there."""
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if f"NANOTUNE_TEST_NODES={self.mark}\0".encode() in f.read():
+                        os.kill(int(pid), signal.SIGKILL)
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+
+
+def close_to(out, reference):
+    """The job's adapter equals the uninterrupted run's within 1e-5: the same rows in every step, summed
+    in another order on another number of processes."""
+    mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (out, reference))
+    assert mine.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(mine[key], ref[key], atol=1e-5, rtol=0)
+
+
+@needs_proc
+def test_a_node_that_dies_leaves_the_job_on_the_other(tiny_model_dir, tiny_data, tmp_path, reference):
+    """Two nodes train; node 1 (its agent and its worker) dies by SIGKILL as it starts checkpoint 4. Node 0's
+    collective fails, its agent gathers a rendezvous of one node, and the job ends there from step-2 with
+    twice the accumulation."""
+    out, nodes = tmp_path / "out", Nodes(29871, tmp_path)
+    args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
+    try:
+        first = nodes.start(0, args)
+        second = nodes.start(1, args, "tests/kill_at_save.py", KILL_AT_STEP="4", KILL_NODE="1")
+        assert first.wait(timeout=240) == 0, nodes.log()
+        assert second.wait(timeout=30) == -signal.SIGKILL, nodes.log()
+    finally:
+        nodes.end()
+    assert "restart 1: 2 -> 1 processes, gradient accumulation 1 -> 2, resuming from step-2" in nodes.log()
+    close_to(out, reference)
+
+
+@needs_proc
+def test_a_node_that_joins_continues_the_job_on_both(tiny_model_dir, tiny_data, tmp_path, reference):
+    """Node 0 trains alone (grad-accum 2) and waits after checkpoint 2 until told to stop; node 1 starts.
+    Node 0's agent stops its worker with SIGTERM, which checkpoints step 3, and the job ends on both."""
+    out, nodes = tmp_path / "out", Nodes(29872, tmp_path)
+    args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
+    try:
+        first = nodes.start(0, args, "tests/hold_at_save.py", HOLD_AT_STEP="2")
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step-2").exists():
+            assert first.poll() is None and time.time() < deadline, nodes.log()
+            time.sleep(0.1)
+        second = nodes.start(1, args)
+        assert first.wait(timeout=240) == 0 and second.wait(timeout=60) == 0, nodes.log()
+    finally:
+        nodes.end()
+    log = nodes.log()
+    assert f"stopped by SIGTERM after step 3, checkpoint {out / 'checkpoints' / 'step-3'}" in log
+    assert "new rendezvous: 1 -> 2 processes, gradient accumulation 2 -> 1, resuming from step-3" in log
+    close_to(out, reference)

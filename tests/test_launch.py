@@ -4,6 +4,7 @@ Runs in a controlled environment (no inherited Slurm/torchrun variables, CUDA_VI
 no scontrol/nvidia-smi on PATH unless a test fakes them), so results do not depend on the machine.
 """
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -35,7 +36,7 @@ def command(*args, **env):
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if line.startswith("launch.sh: ")]
     assert len(lines) == 1, r.stdout
-    words = lines[0].split()
+    words = shlex.split(lines[0])
     i = words.index(TRAIN)
     start = next(j for j, w in enumerate(words) if w.startswith("--"))
     flags = dict(zip(words[start:i:2], words[start + 1:i:2]))
@@ -114,6 +115,11 @@ def test_slurm_without_scontrol():
     ({"NNODES": "two"}, "NNODES must be a positive integer"),
     ({"NPROC_PER_NODE": "-1"}, "NPROC_PER_NODE must be a positive integer"),
     ({"MASTER_PORT": "abc"}, "MASTER_PORT must be a positive integer"),
+    ({"NNODES": "3:2"}, "NNODES=3:2: MIN must not exceed MAX"),
+    ({"NNODES": "1:x"}, "NNODES's MAX must be a positive integer"),
+    ({"NNODES": "1:2", "NODE_RANK": "2"}, "out of range"),
+    ({"NNODES": "1:2", "WORLD_SIZE": "2"}, "WORLD_SIZE fixes the process count, which an elastic job changes"),
+    ({"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a non-negative integer"),
 ])
 def test_validation(env, words):
     r = launch(**env)
@@ -125,7 +131,7 @@ def test_help_documents_every_variable():
     assert r.returncode == 0 and "torchrun" in r.stdout and "launch.sh: " not in r.stdout
     for var in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NUM_NODES", "NODE_RANK", "RANK", "NPROC_PER_NODE",
                 "WORLD_SIZE", "LAUNCH_DRY_RUN", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_NNODES",
-                "SLURM_NODEID", "SLURM_JOB_NODELIST", "srun"):
+                "SLURM_NODEID", "SLURM_JOB_NODELIST", "srun", "MAX_RESTARTS", "RDZV_ID", "RDZV_CONF", "LOCAL_ADDR"):
         assert var in r.stdout, var
 
 
@@ -140,3 +146,24 @@ def test_falls_back_to_python_module_without_torchrun(tmp_path):
     r = launch(path=str(tmp_path), PYTHON="/opt/py/bin/python")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("launch.sh: /opt/py/bin/python -m torch.distributed.run --nnodes 1 ")
+
+
+def test_elastic_job_rendezvous_and_resume():
+    r = launch("--max-steps", "3", NNODES="1:4", MASTER_ADDR="10.0.0.1", MASTER_PORT="29611")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("launch.sh: env TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")  # see launch.sh for why
+    flags, rest = command("--max-steps", "3", NNODES="1:4", MASTER_ADDR="10.0.0.1", MASTER_PORT="29611")
+    assert flags == {"--nnodes": "1:4", "--nproc_per_node": "1", "--max-restarts": "3", "--rdzv-backend": "c10d",
+                     "--rdzv-endpoint": "10.0.0.1:29611", "--rdzv-id": "nanotune",
+                     "--rdzv-conf": "last_call_timeout=5,keep_alive_interval=2,keep_alive_max_attempt=3,is_host=1",
+                     "--signals-to-handle": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    assert rest == ["--resume", "--max-steps", "3"]  # a user's own --resume DIR comes later, and wins
+
+
+def test_elastic_settings():
+    flags, _ = command(MAX_RESTARTS="0", NNODES="2", NODE_RANK="1", RDZV_CONF="last_call_timeout=2",
+                       LOCAL_ADDR="10.0.0.2", SLURM_JOB_ID="42")
+    assert (flags["--nnodes"], flags["--max-restarts"], flags["--rdzv-id"]) == ("2", "0", "42")
+    assert (flags["--rdzv-conf"], flags["--local-addr"]) == ("last_call_timeout=2,is_host=0", "10.0.0.2")
+    assert command(RDZV_ID="job7", NNODES="2:2", SLURM_JOB_ID="42")[0]["--rdzv-id"] == "job7"
+    assert "--rdzv-backend" not in command(NNODES="2")[0]  # a static job stays static
