@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 
 import torch
 
@@ -502,6 +503,9 @@ if __name__ == "__main__":
         code = 130
     except Preempted:
         code = PREEMPTED
+    except Exception:  # a bug, or a collective that failed with a rank that died: the traceback, then a quick exit
+        traceback.print_exc()  # (an elastic agent restarts the job once this process is gone)
+        code = 1
     # Skip the interpreter's teardown: everything is written, fsynced and flushed. After a gloo run,
     # gloo's worker threads may still be freeing finished collectives that hold Python tensors, and
     # one that takes the GIL while the interpreter shuts down aborts the process (SIGABRT after a
