@@ -24,15 +24,15 @@ from nanotune.checkpoint import atomic_dir, damaged, find_checkpoint, read_train
 from nanotune.checks import check_adapter_flags, check_args, check_combination, check_resume
 from nanotune.compile import compile_blocks
 from nanotune.data import Batches, collate, show, split
-from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
+from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init,
                                   full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
 from nanotune.elastic import PREEMPTED, Preempted, StopSignals, grad_accum_for, restart_line
 from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
-from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, parse_size, save_pretrained
+from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, load_weights, parse_size, save_pretrained
 from nanotune.plot import report
-from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
+from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, load_dtype, resolve
 from nanotune.quantize import quant_bits, quantize
 from nanotune.store import load_store
 from nanotune.templates import NAMES as TEMPLATES, export, load_template
@@ -162,18 +162,18 @@ def train(args, world, stop):
     torch.manual_seed(args.seed)
     checkpoint = find_resume(args, world)  # first, so a resume with other flags fails before anything loads
 
-    # Model: read (where depends on the strategy), quantize the frozen base, add LoRA, cast.
+    # Model: built on the meta device, then each weight read from the checkpoint into the form it is kept
+    # in: a quantized base Linear by Linear, the rest cast as it is read (precision.load_dtype).
     bits = quant_bits(args)
-    model = from_pretrained(args.model, num_layers=args.num_layers, device=load_device(world, bits))
+    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta")
     model.grad_checkpoint = args.grad_checkpoint
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     template = load_template(args.template, args.model, tokenizer)
-    if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer
-        # A 4-bit base under FSDP needs its quantization state on every rank: rank 0 broadcasts each
-        # base Linear's weight in turn and every rank quantizes it (the same codes from the same
-        # weights), so the other ranks hold at most one full-precision Linear at a time.
-        quantize(model, bits, precision.compute_dtype, args.double_quant,
-                 fetch=broadcast_from_rank0 if world.strategy == "fsdp" else None, device=world.device)
+    if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer. Every rank (FSDP too) reads
+        # and quantizes each Linear in turn: the same codes from the same weights, one fp32 Linear at a time.
+        quantize(model, bits, precision.compute_dtype, args.double_quant, device=world.device)
+    if load_device(world, bits) != "meta":  # FSDP ranks read only their own shards, once sharded (wrap)
+        load_weights(model, load_dtype(precision), load_device(world, bits))
     adapt(model, args, precision)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -346,9 +346,9 @@ def wrap(model, args, world, precision, checkpoint):
                  into its fp32 partitions, so a resumed run restores its weights before that."""
     if args.compile:  # in place, before FSDP shards the blocks (as the PyTorch docs order it): nanotune.compile
         compile_blocks(model)
-    if world.strategy == "fsdp":  # rank 0's full state lives only for the call: each rank then keeps its shards
+    if world.strategy == "fsdp":  # shards the model on the meta device, then each rank reads its shards
         model = wrap_fsdp(model, world, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload,
-                          precision.autocast_dtype, model.state_dict() if world.is_main else None)
+                          precision.autocast_dtype)
     else:
         model = model.to(world.device)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP

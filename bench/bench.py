@@ -423,7 +423,7 @@ def run_distributed(args):
     if world.strategy == "ddp":
         model = wrap_ddp(model, world)
     else:
-        model = wrap_fsdp(model, world, autocast_dtype=precision.autocast_dtype, full_state=model.state_dict())
+        model = wrap_fsdp(model, world, autocast_dtype=precision.autocast_dtype)
     name = f"nanotune{'-compile' if args.compile else ''} {world.strategy} x{world.size}"
     runner = Runner(name, model, lambda: precision.context(world.device), precision.compute_dtype, hf=False)
     args.seed += world.rank

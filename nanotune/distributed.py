@@ -12,7 +12,6 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 import torch.distributed as dist
@@ -111,28 +110,19 @@ def all_reduce_sum(values: list) -> list:
     return t.tolist()
 
 
-def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor on every rank, on dist_device(); the other ranks pass a placeholder of its shape
-    and dtype (on the meta device, say) and get a new tensor. Every rank must call this, in order."""
-    out = t.to(dist_device()) if dist.get_rank() == 0 else torch.empty(t.shape, dtype=t.dtype, device=dist_device())
-    dist.broadcast(out, src=0)
-    return out
-
-
 def dist_device():
     """Where this group's collectives take their tensors: the current GPU under NCCL, else CPU memory."""
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
 
 
 def load_device(world: World, quantized: bool):
-    """Where the checkpoint is read. Under FSDP only rank 0 reads it, into CPU memory; the other ranks
-    build the model on the meta device and receive their shards from rank 0 when it is wrapped
-    (CPU-RAM-efficient loading). A quantized base is also read into CPU memory, and each Linear
-    reaches the GPU only quantized, so a base that fits the GPU only in 4 bits never sits there whole
-    in fp32. Anything else loads straight onto its device (8 DDP ranks then hold no fp32 copy in RAM)."""
-    if world.strategy == "fsdp" and not world.is_main:
+    """Where the checkpoint is read. Under FSDP nowhere yet: every rank keeps the model on the meta device
+    and reads only its own shards once it is sharded (wrap_fsdp). A quantized base is read into CPU memory
+    (quantize moves each Linear to the GPU only once quantized, so a base that fits the GPU only in 4 bits
+    never sits there whole); anything else straight onto its device (8 DDP ranks then hold no copy in RAM)."""
+    if world.strategy == "fsdp":
         return "meta"
-    return "cpu" if quantized or world.strategy == "fsdp" else world.device
+    return "cpu" if quantized else world.device
 
 
 def grad_sync(model, world: World, enabled: bool):
@@ -172,16 +162,18 @@ def check_one_trained_dtype(model):
                             "--precision bf16-true makes the rest bfloat16) or train fewer kinds (--lora-bias none)")
 
 
-def wrap_fsdp(model, world: World, sharding="full", prefetch=False, offload=False, autocast_dtype=None,
-              full_state=None):
+def wrap_fsdp(model, world: World, sharding="full", prefetch=False, offload=False, autocast_dtype=None):
     """Shard with FSDP2 (fully_shard): each transformer block (model.blocks) is one unit, then the root.
     autocast_dtype: the dtype FSDP gathers the weights in for compute (bf16-mixed, 16-mixed), or None.
 
     sharding: 'full' (FULL_SHARD: free gathered weights after forward), 'grad-op' (SHARD_GRAD_OP:
     keep them until backward), 'hybrid' (HYBRID_SHARD: shard within a node, replicate across
-    nodes, over a 2-D device mesh). Ranks other than 0 built the model on the meta device; rank
-    0's `full_state` is broadcast and each rank keeps only its shard (cpu_ram_efficient_loading
-    + sync_module_states).
+    nodes, over a 2-D device mesh).
+
+    Loading: every rank built the model on the meta device (its LoRA weights aside, made whole on
+    every rank), and fully_shard shards it there, where a shard costs no memory. Each rank then reads
+    its own rows of every weight still on the meta device straight from the checkpoint's files
+    (load_shards), so no rank ever holds more of the model than its shards and one tensor's rows.
 
     A 4-bit base (QLoRA) is sharded too, not replicated (fully_shard's ignored_params): the codes
     are most of what a large base weighs (a 70B model's are 35 GB). A Linear4bit's weight holds the
@@ -191,8 +183,7 @@ def wrap_fsdp(model, world: World, sharding="full", prefetch=False, offload=Fals
     bytes, never cast by param_dtype (they are not floats). The gathered weight is a plain Parameter
     without quant_state; Linear4bit.forward re-attaches the layer's own (bitsandbytes' provision
     for FSDP), which every rank keeps whole: 1/8 of the codes' bytes (1/31 with --double-quant).
-    quantize() built that state on every rank, so only parameters are broadcast here."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    quantize() built that state and the codes on every rank, from the same weights."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -214,14 +205,30 @@ def wrap_fsdp(model, world: World, sharding="full", prefetch=False, offload=Fals
         for i, block in enumerate(blocks):
             block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
             block.set_modules_to_backward_prefetch(blocks[i - 1:i] if i else [])
-    if world.is_main:  # set_model_state_dict loads parameters and buffers (tied ones under each name) and
-        # rejects any other entry, such as those bitsandbytes adds for a 4-bit weight (weight.absmax, ...)
-        names = {n for n, _ in chain(model.named_parameters(remove_duplicate=False),
-                                     model.named_buffers(remove_duplicate=False))}
-        full_state = {k: v for k, v in full_state.items() if k in names}
-    set_model_state_dict(model, full_state if world.is_main else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    load_shards(model, "cpu" if offload else world.device)
     return model
+
+
+@torch.no_grad()
+def load_shards(model, device):
+    """Read this rank's rows of each sharded parameter still on the meta device from the checkpoint
+    (model.weights), one parameter at a time, in the dtype cast_frozen chose for it. FSDP2 re-pads the
+    new shards when load_state_dict assigns them (its post-load hook), as after its own loading."""
+    from torch.distributed.tensor import DTensor
+    loaded = {}  # meta parameter -> its shard as read; a tied one is read once and set under each name
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if not p.is_meta:  # LoRA's weights, 4-bit codes: sharded by fully_shard from what the rank made
+            continue
+        owner, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner)
+        if p in loaded:
+            setattr(owner, attr, loaded[p])
+            continue
+        first, _ = shard_rows(p)
+        rows = model.weights.read(name, p.dtype, device, rows=(first, first + p.to_local().shape[0]))
+        shard = DTensor.from_local(rows, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        owner.load_state_dict({attr: shard}, strict=False, assign=True)
+        loaded[p] = getattr(owner, attr)
 
 
 def full_state_dict(model, world: World, trainable_only=False) -> dict:

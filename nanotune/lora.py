@@ -38,6 +38,8 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.r, self.alpha = r, alpha
         device = base_layer.weight.device
+        if device.type == "meta":  # a base each rank reads shard by shard later (FSDP, ZeRO-3): the adapter is
+            device = torch.device("cpu")  # small, made whole on every rank, alike from the same seed
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: A random, B zero
@@ -244,8 +246,15 @@ def load_adapter(model, path: str, dtype=torch.float32):
         if found[key].shape != p.shape:
             raise UserError(f"{weights}: {key!r} has shape {tuple(found[key].shape)} but the model needs "
                             f"{tuple(p.shape)}: the adapter was trained for another model")
-        with torch.no_grad():
-            p.copy_(found.pop(key))
+        if ".lora_A." in key or ".lora_B." in key:
+            with torch.no_grad():
+                p.copy_(found.pop(key))  # in --lora-dtype
+        else:  # a bias or a module trained in full: in fp32, as it trained, whatever dtype the base was read in
+            # (and in place of a base tensor not read yet: FSDP, ZeRO-3); cast_frozen casts it where it must
+            owner, _, attr = key.removeprefix(PEFT_PREFIX).rpartition(".")
+            device = "cpu" if p.is_meta else p.device
+            setattr(model.get_submodule(owner), attr, nn.Parameter(found.pop(key).to(device, torch.float32),
+                                                                  requires_grad=p.requires_grad))
     if found:
         raise UserError(f"{weights} has tensors this model cannot take: {', '.join(sorted(found)[:5])} {layers_hint}")
     return model

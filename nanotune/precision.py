@@ -52,23 +52,34 @@ def resolve(name: str, device: torch.device) -> Precision:
     return Precision(name, dtype, autocast=name.endswith("-mixed"))
 
 
+def load_dtype(p: Precision):
+    """The dtype the checkpoint's tensors are cast to as they are read (models.load_weights): the one they
+    are kept in where that is known before LoRA decides what trains, fp32 under 32-true, bf16 for all under
+    bf16-true. Under the mixed modes a Linear stays in the compute dtype only if it is frozen, so the base
+    is read as the checkpoint stores it (bf16, mostly: no copy is larger than the file) and cast_frozen
+    casts each weight once that is known. Casting later gives the same numbers: every cast goes through
+    fp32, which holds bf16 and fp16 exactly. (A quantized base's Linears are read by quantize, in fp32.)"""
+    return {"32-true": torch.float32, "bf16-true": torch.bfloat16}.get(p.name)
+
+
 def cast_frozen(model: nn.Module, p: Precision):
-    """Store frozen weights in the compute dtype where that changes no result.
+    """Put each weight in the dtype it is kept in, once LoRA (or --no-lora) has chosen what trains.
 
     Under autocast a Linear's weight and bias are cast to the compute dtype on every call anyway,
     so keeping the frozen ones there is exact and saves the cast and the memory. Norms and
-    embeddings run in their own dtype, so they stay, and so does an output head tied to the
-    embedding (Llama 3.2, small Qwens): it is the embedding's tensor, and casting it would put the
-    whole residual stream in bf16. bf16-true casts everything but LoRA's weights (which keep --lora-dtype)."""
-    if p.name == "32-true":
-        return model
+    embeddings run in their own dtype, so they stay fp32, as does everything that trains (AdamW
+    updates fp32 weights), and so does an output head tied to the embedding (Llama 3.2, small
+    Qwens): it is the embedding's tensor, and casting it would put the whole residual stream in
+    bf16. bf16-true casts everything but LoRA's weights (which keep --lora-dtype), 32-true nothing
+    but what the checkpoint stored in 16 bits (load_dtype)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
-        if p.name == "bf16-true" and ".lora_" not in name + ".":
-            for param in module.parameters(recurse=False):
-                if param.is_floating_point():  # int8 / packed 4-bit codes keep their dtype
-                    param.data = param.data.to(p.compute_dtype)
-        elif type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()) \
-                and id(module.weight) not in embeddings:
-            module.to(p.compute_dtype)
+        if ".lora_" in name + ".":
+            continue
+        frozen_linear = type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()) \
+            and id(module.weight) not in embeddings
+        dtype = p.compute_dtype if p.name == "bf16-true" or (p.autocast and frozen_linear) else torch.float32
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:  # int8 / packed 4-bit codes keep theirs
+                param.data = param.data.to(dtype)
     return model

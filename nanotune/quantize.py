@@ -32,20 +32,21 @@ def quant_bits(args):
     return 8 if args.load_in_8bit else 4 if args.load_in_4bit else None
 
 
-def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_quant=False, fetch=None, device=None):
+def quantize(model: nn.Module, bits: int, compute_dtype=torch.float32, double_quant=False, device=None):
     """Replace every nn.Linear but LoRA's and the output head (`model.head_path`, as in QLoRA) by a
     frozen bitsandbytes layer: Linear8bitLt (bits=8) or NF4 Linear4bit computing in `compute_dtype` (bits=4).
     double_quant also quantizes the 4-bit block scales (QLoRA sec. 3). Works on CPU and CUDA: each weight
-    moves to `device` (default: where it is) one layer at a time and is quantized there, so the full-
-    precision model can stay in CPU memory. `fetch`, if given, maps each weight to the one to quantize:
-    under FSDP, rank 0's weight broadcast to ranks whose model is on the meta device. Returns the model."""
+    moves to `device` (default: where it is) one layer at a time and is quantized there. A weight still on
+    the meta device (from_pretrained(device="meta")) is read from the checkpoint here, in fp32, one Linear
+    at a time: the full-precision base never exists whole, on the GPU or in CPU memory. Returns the model."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     bnb = _bitsandbytes()
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or name.split(".")[-1] in ("lora_A", "lora_B") or name == getattr(model, "head_path", None):
             continue  # `type is`, not isinstance: bitsandbytes' layers are nn.Linear subclasses
-        w = (m.weight.detach() if fetch is None else fetch(m.weight.detach())).to(device)  # (out, in)
+        w = model.weights.read(name + ".weight", torch.float32, device or "cpu") if m.weight.is_meta \
+            else m.weight.detach().to(device)  # (out, in)
         shape = (m.in_features, m.out_features, m.bias is not None)
         if bits == 8:
             # threshold=6.0: input columns with an outlier above 6 take an fp16 matmul (LLM.int8() sec. 3.2).

@@ -138,7 +138,7 @@ def test_compiled_then_wrapped_matches_eager(group, strategy):
     def wrapped(compile):
         model = compile_blocks(tiny(layers=2)) if compile else tiny(layers=2)
         if strategy == "fsdp":
-            return wrap_fsdp(model, world, full_state=model.state_dict())
+            return wrap_fsdp(model, world)
         return wrap_ddp(model, world)
 
     eager, compiled = wrapped(False), wrapped(True)

@@ -12,6 +12,7 @@ import os
 import shutil
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -76,49 +77,93 @@ def safetensors_files(path: str) -> list:
     raise UserError(f"{path} has no model.safetensors (or model.safetensors.index.json with shards)")
 
 
-def from_pretrained(path, num_layers=-1, device="cpu"):
-    """Load a Hugging Face model folder in fp32, whatever the checkpoint stores. num_layers=N keeps
-    only the first N blocks (-1: all). device="meta" builds the model without reading a single weight
-    (FSDP ranks that receive theirs from rank 0)."""
+def from_pretrained(path, num_layers=-1, device="cpu", dtype=torch.float32):
+    """Load a Hugging Face model folder, each tensor cast to `dtype` as it is read (None: kept in the
+    checkpoint's own dtype). num_layers=N keeps only the first N blocks (-1: all). device="meta" builds
+    the model and checks the checkpoint's names and shapes without reading a weight: load_weights (or
+    quantize, or FSDP and ZeRO-3 shard by shard) reads each one later, where and as it is kept."""
     cls, config = read_config(path)
     if num_layers != -1:
         if not 1 <= num_layers <= config.num_hidden_layers:
             raise UserError(f"--num-layers {num_layers} is out of range: {path} has "
                             f"{config.num_hidden_layers} layers (use 1..{config.num_hidden_layers}, or -1 for all)")
         config.num_hidden_layers = num_layers
-    with torch.device("meta"):  # no memory for weights we are about to overwrite
+    with torch.device("meta"):  # no memory for weights we are about to read
         model = cls(config)
     model.name_or_path = path
+    model.weights = Weights(path, model)
     if str(device) == "meta":
-        return model.float()
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tied = model.head_path + ".weight" if config.tie_word_embeddings else None
-    expected.pop(tied, None)
-    block_prefix = model.blocks_path + "."
-    state = {}
-    for file in safetensors_files(path):
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    if key.endswith(cls.ignored_keys) or key == tied:  # recomputed here / the embedding's matrix
-                        continue
-                    if key.startswith(block_prefix) and int(key[len(block_prefix):].split(".")[0]) >= num_layers > 0:
-                        continue  # a block that --num-layers leaves out
-                    if key not in expected:
-                        raise UserError(f"{file}: unexpected tensor {key!r}; is this a {cls.__name__} checkpoint?")
-                    state[key] = f.get_tensor(key)
-        except (OSError, SafetensorError) as e:
-            raise UserError(f"{file} cannot be read as safetensors ({e}); the file is damaged or incomplete, "
-                            "so copy or download it again") from None
-    for key, shape in expected.items():
-        if key not in state:
-            raise UserError(f"{path}: tensor {key!r} is missing from the checkpoint")
-        if state[key].shape != shape:
-            raise UserError(f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, but config.json "
-                            f"implies {tuple(shape)}")
-    model.load_state_dict(state, strict=False, assign=True)  # completeness was checked above
-    model.tie_weights()
-    return model.float()
+        return model.to(dtype) if dtype else model
+    return load_weights(model, dtype, device)
+
+
+class Weights:
+    """Where each of a model's tensors lies in its folder's safetensors files, checked against the model
+    (names and shapes, from the files' headers), and reads of one tensor, or of a range of its rows.
+
+    A file is opened (memory-mapped) for one read and closed after it: the tensor is copied out, cast
+    on the way, and the mapping goes. Kept open, every page read would stay mapped, and counted in the
+    process's memory, until the end: a bf16 model of N bytes would peak at N for the mapping plus what
+    it keeps (BENCHMARKS.md, loading)."""
+
+    def __init__(self, path, model):
+        cls, config = type(model), model.config
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        self.tied = model.head_path + ".weight" if config.tie_word_embeddings else None
+        self.embed = model.embed_path + ".weight"
+        expected.pop(self.tied, None)
+        block_prefix = model.blocks_path + "."
+        self.files, self.dtypes = {}, {}
+        for file in safetensors_files(path):
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        if key.endswith(cls.ignored_keys) or key == self.tied:  # recomputed here / the embedding's
+                            continue
+                        if key.startswith(block_prefix) and \
+                                int(key[len(block_prefix):].split(".")[0]) >= config.num_hidden_layers:
+                            continue  # a block that --num-layers leaves out
+                        if key not in expected:
+                            raise UserError(f"{file}: unexpected tensor {key!r}; is this a {cls.__name__} checkpoint?")
+                        tensor = f.get_slice(key)
+                        if tuple(tensor.get_shape()) != tuple(expected[key]):
+                            raise UserError(f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, but "
+                                            f"config.json implies {tuple(expected[key])}")
+                        self.files[key], self.dtypes[key] = file, SAFETENSORS_DTYPES.get(tensor.get_dtype())
+            except (OSError, SafetensorError) as e:
+                raise UserError(f"{file} cannot be read as safetensors ({e}); the file is damaged or incomplete, "
+                                "so copy or download it again") from None
+        for key in expected:
+            if key not in self.files:
+                raise UserError(f"{path}: tensor {key!r} is missing from the checkpoint")
+
+    def key(self, name: str) -> str:
+        """The checkpoint's name for a parameter, also once LoRA wraps its Linear (PEFT's `base_layer`)."""
+        key = name.replace(".base_layer.", ".")
+        return self.embed if key == self.tied else key
+
+    def read(self, name: str, dtype=None, device="cpu", rows=None) -> torch.Tensor:
+        """Parameter `name` (rows: only rows[0]:rows[1] of its dim 0), in `dtype` (None: the file's), a
+        copy in `device`'s memory that owns its storage."""
+        key = self.key(name)
+        with safe_open(self.files[key], framework="pt") as f:
+            t = f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
+            return t.to(device, dtype or t.dtype, copy=True)
+
+
+@torch.no_grad()
+def load_weights(model, dtype=torch.float32, device="cpu"):
+    """Read every parameter still on the meta device from the checkpoint (model.weights), one at a time,
+    cast to `dtype` (None: the checkpoint's own) as it is read. A tensor tied under several names (the
+    embedding and the head) is read once and set under each."""
+    loaded = {}  # meta parameter -> the one read for it
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if p.is_meta:
+            if p not in loaded:
+                loaded[p] = nn.Parameter(model.weights.read(name, dtype, device), requires_grad=p.requires_grad)
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, loaded[p])
+    return model
 
 
 def save_pretrained(model, path: str, state_dict: dict = None, dtype: torch.dtype = None, max_shard_size: int = None):
