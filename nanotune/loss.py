@@ -22,7 +22,7 @@ def summed_cross_entropy(h, labels, head, chunk=256):
     if type(head) is nn.Linear and head.bias is None:  # a LoRA-adapted head takes the plain loop below
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
             else head.weight.dtype
-        return LinearCrossEntropy.apply(h.to(dtype), head.weight.to(dtype), targets, chunk)
+        return LinearCrossEntropy.apply(h.to(dtype), head.weight.to(dtype), targets, chunk, torch.is_grad_enabled())
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         logits = head(h[i:i + chunk]).float()
@@ -46,22 +46,35 @@ class LinearCrossEntropy(torch.autograd.Function):
     pass. There each block is first copied to fp32 and then reduced and shifted in place: a CPU runs
     amax over bf16 and a bf16 - fp32 subtraction 3-4x slower than the copy and the same passes in
     fp32 (together 1.5-1.7x faster than 32 rows without the copy, with the same gradients bit for
-    bit: BENCHMARKS.md). A GPU takes the chunk at once, straight from the compute dtype."""
+    bit: BENCHMARKS.md). A GPU takes the chunk at once, straight from the compute dtype.
+
+    grad_enabled: whether autograd records this call. ctx.needs_input_grad says only which inputs
+    require grad, and a trained head does under torch.no_grad() too, so without it every evaluation
+    batch of a full fine-tune would allocate a (V, C) fp32 weight gradient and run two more GEMMs.
+
+    fp16 (fp16-mixed): softmax - one_hot is kept in fp32 and both gradient GEMMs run in fp32 against
+    an fp32 copy of the head ((V, C) x 4 bytes more while the loss runs). In fp16, whose smallest
+    value is 6e-8, most of a 128k-vocabulary softmax would round to zero, and the loss scaler cannot
+    help: this gradient is formed here in the forward, before any scaling. grad_h is kept in fp32 too
+    and cast to fp16 in the backward, after the loss scale has been applied."""
 
     CPU_ROWS = 8
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
+    def forward(ctx, h, weight, targets, chunk, grad_enabled=True):
         N, V = h.shape[0], weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[:2]
-        ctx.weight_dtype = weight.dtype
+        need_h, need_w = (need and grad_enabled for need in ctx.needs_input_grad[:2])
+        ctx.h_dtype, ctx.weight_dtype = h.dtype, weight.dtype
+        fp32_grads = h.dtype == torch.float16 and (need_h or need_w)  # see the docstring: fp16
+        w32 = weight.float() if fp32_grads else None
         cpu = h.device.type == "cpu"
-        rows = LinearCrossEntropy.CPU_ROWS if cpu else chunk
+        rows = LinearCrossEntropy.CPU_ROWS if cpu and not fp32_grads else chunk  # fp32_grads: probs is the chunk's
         logits = h.new_empty(min(chunk, N), V)  # compute dtype: the chunk's logits, then its dlogits
         probs = h.new_empty(min(rows, N), V, dtype=torch.float32)
-        grad_h = torch.empty_like(h) if need_h else None
+        grad_h = torch.empty_like(h, dtype=torch.float32 if fp32_grads else h.dtype) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_w_chunk = torch.empty_like(weight) if need_w and weight.dtype != torch.float32 else None
+        grad_w_chunk = torch.empty_like(weight) if need_w and weight.dtype != torch.float32 and not fp32_grads \
+            else None
         total = h.new_zeros((), dtype=torch.float32)
         with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen here, and out= needs that
             for i in range(0, N, chunk):
@@ -77,7 +90,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                     total += (top + s.log() - zj.gather(1, t).float()).sum()  # logsumexp - target logit
                     if need_h or need_w:
                         p.div_(s).scatter_add_(1, t, p.new_full(t.shape, -1.0))  # softmax - one_hot(target)
-                        zj.copy_(p)
+                        if not fp32_grads:
+                            zj.copy_(p)
+                if fp32_grads:  # the chunk's dlogits stay in probs, fp32 (n, V)
+                    if need_h:
+                        torch.matmul(p, w32, out=grad_h[i:i + x.shape[0]])
+                    if need_w:
+                        grad_w.addmm_(p.t(), x.float())
+                    continue
                 if need_h:
                     torch.matmul(z, weight, out=grad_h[i:i + x.shape[0]])
                 if need_w and grad_w_chunk is None:
@@ -90,5 +110,5 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
+        return ((grad_h * grad_total.to(grad_h.dtype)).to(ctx.h_dtype) if grad_h is not None else None,
+                (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)

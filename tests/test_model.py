@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from conftest import make_model_dir, tiny_config
 from nanotune import UserError
 from nanotune.lora import inject_lora
-from nanotune.loss import LinearCrossEntropy
+from nanotune.loss import LinearCrossEntropy, summed_cross_entropy
 from nanotune.models import from_pretrained, save_pretrained
 from nanotune.models.gpt_neox import GPTNeoX
 
@@ -112,6 +113,75 @@ def test_fused_loss_matches_autograd(device, dtype, tol, head_trains):
     with torch.no_grad():  # evaluation: the loss alone
         torch.testing.assert_close(LinearCrossEntropy.apply(h.to(dtype), w.to(dtype), targets, 64), ref,
                                    rtol=tol, atol=0)
+
+
+class Calls(TorchFunctionMode):
+    """Every torch function a block of code calls, with the shape and storage of what it returned."""
+
+    def __enter__(self):
+        self.seen = []
+        return super().__enter__()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen.append((getattr(func, "__name__", str(func)),
+                          (tuple(out.shape), out.data_ptr()) if torch.is_tensor(out) else None))
+        return out
+
+
+def test_fused_loss_under_no_grad_builds_no_gradient():
+    """Evaluation of a full fine-tune (the head trains, autograd off): one GEMM per chunk and no
+    (V, C) weight gradient, where the training call runs three GEMMs per chunk and allocates it."""
+    torch.manual_seed(0)
+    N, C, V, chunk = 300, 32, 97, 64
+    h, w = torch.randn(N, C, requires_grad=True), torch.randn(V, C, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    ref = F.cross_entropy(F.linear(h, w), targets, reduction="sum")
+    gemms, head = ("matmul", "mm", "addmm", "addmm_"), _head(w)
+    with torch.no_grad(), Calls() as calls:
+        loss = summed_cross_entropy(h[None], targets[None], head, chunk)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    assert sum(name in gemms for name, _ in calls.seen) == math.ceil(N / chunk)
+    assert not [out for _, out in calls.seen if out and out[0] == (V, C) and out[1] != w.data_ptr()]
+    with Calls() as calls:  # the same call with autograd on: the checks above can tell them apart
+        summed_cross_entropy(h[None], targets[None], head, chunk)
+    assert sum(name in gemms for name, _ in calls.seen) == 3 * math.ceil(N / chunk)
+    assert [out for _, out in calls.seen if out and out[0] == (V, C) and out[1] != w.data_ptr()]
+
+
+def _head(w):
+    """A bias-free Linear whose weight is w's storage (and trains if w does)."""
+    head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    head.weight = torch.nn.Parameter(w.detach(), requires_grad=w.requires_grad)
+    return head
+
+
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_fused_loss_fp16_gradients_keep_the_small_probabilities(head_trains):
+    """fp16 h and W (fp16-mixed), gradients against autograd in float64 on the same fp16 values. Every
+    target logit is 18 above the rest, so the other 8191 probabilities are about 1.5e-8, under fp16's
+    smallest value: in fp16 they round to zero. Every row of W shares a component u orthogonal to h,
+    which cancels from the exact gradient (sum_v p_v W_v - W_t) only when they are all kept; with
+    fp16 dlogits, -(1 - p_t) u remains (76% of the gradient's largest entry before the fix)."""
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 8, 32, 8192
+    h = torch.randn(N, C, generator=g)
+    u = torch.randn(C, generator=g)
+    u = u - torch.linalg.lstsq(h.T, u[:, None]).solution[:, 0] @ h  # u . h_i = 0 for every row
+    u = 3 * u / u.norm()
+    targets = torch.randperm(V, generator=g)[:N]
+    w = 0.001 * torch.randn(V, C, generator=g) + u
+    w[targets] = 18 * h / h.pow(2).sum(1, keepdim=True) + u  # the target logits: 18
+    h16, w16 = h.half().requires_grad_(), w.half().requires_grad_(head_trains)
+    h64, w64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (h16, w16))
+    ref = F.cross_entropy(F.linear(h64, w64), targets, reduction="sum")
+    ref_grads = torch.autograd.grad(1024 * ref, [h64, w64] if head_trains else [h64])  # 1024: a loss scale
+    loss = LinearCrossEntropy.apply(h16, w16, targets, 4, True)
+    grads = torch.autograd.grad(1024 * loss, [h16, w16] if head_trains else [h16])
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=0)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.double(), want, rtol=0.02, atol=0.02 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("setup", ["lora", "full", "tied", "lora-on-head"])
