@@ -64,9 +64,10 @@ def cast_frozen(model: nn.Module, p: Precision):
         return model
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
-        if p.name == "bf16-true" and ".lora_" not in name + ".":
-            for param in module.parameters(recurse=False):
-                if param.is_floating_point():  # int8 / packed 4-bit codes keep their dtype
+        if p.name == "bf16-true":
+            for param_name, param in module.named_parameters(recurse=False):
+                # int8 / packed 4-bit codes keep their dtype; so do lora_A, lora_B, lora_magnitude_vector
+                if param.is_floating_point() and ".lora_" not in f"{name}.{param_name}":
                     param.data = param.data.to(p.compute_dtype)
         elif type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()) \
                 and id(module.weight) not in embeddings:
