@@ -104,7 +104,7 @@ def parse_args(argv=None):
     a("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input; DoRA then computes W x a second "
       "time, on the dropped input (default: %(default)s)")
     a("--dora", action="store_true", help="also time nanotune with DoRA (train.py's --use-dora) beside LoRA in the "
-      "same run; with --strategy, only DoRA")
+      "same run (with --compare-hf, peft's DoRA beside peft's LoRA too); with --strategy, only DoRA")
     a("--grad-checkpoint", action="store_true", help="recompute each block in the backward (train.py's flag; "
       "transformers' gradient_checkpointing_enable for HF)")
     a("--steps", type=int, default=12, help="timed steps per runner (default: %(default)s)")
@@ -285,7 +285,7 @@ def build_hf(args, path, device, name):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     lora, _, bits = MODES[args.mode]
-    dtype, autocast = hf_variants(args, device)[name]
+    dtype, autocast = hf_variants(args, device)[name.removesuffix("-dora")]
     quant = None
     if bits == 8:
         quant = BitsAndBytesConfig(load_in_8bit=True)
@@ -299,7 +299,7 @@ def build_hf(args, path, device, name):
     if lora:  # peft keeps the adapter in fp32 over a bf16 base (autocast_adapter_dtype=True)
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  target_modules=list(FAMILIES[args.family].lora_targets),
-                                                 task_type="CAUSAL_LM"))
+                                                 use_dora=name.endswith("-dora"), task_type="CAUSAL_LM"))
     else:
         model.requires_grad_(True)
     model.train()
@@ -462,7 +462,7 @@ def main(args):
             import transformers  # noqa: F401
         except ImportError:
             sys.exit("--compare-hf needs transformers and peft: pip install transformers peft")
-        names += list(hf_variants(args, device))
+        names += list(hf_variants(args, device)) + ([f"{n}-dora" for n in hf_variants(args, device)] if args.dora else [])
     with tempfile.TemporaryDirectory() as tmp:
         args.model_dir = tmp
         write_model(args, tmp)
@@ -532,9 +532,9 @@ def report(args, runners, flops, shapes, memory, device, world_size=1):
     ours, theirs = [r.name for r in runners if not r.hf], [r.name for r in runners if r.hf]
     pairs = [("nanotune-compile", "nanotune", "eager")] if "nanotune-compile" in ours else []
     pairs += [("nanotune-dora", "nanotune", "LoRA")] if "nanotune-dora" in ours else []
-    if theirs:
-        best = max(theirs, key=lambda name: results[name]["tokens_per_s"])
-        pairs += [(name, best, "the fastest HF setting") for name in ours]
+    for name in ours if theirs else ():  # LoRA against peft's LoRA, DoRA against peft's DoRA
+        alike = [t for t in theirs if t.endswith("-dora") == name.endswith("-dora")]
+        pairs.append((name, max(alike, key=lambda t: results[t]["tokens_per_s"]), "the fastest HF setting"))
     for a, b, what in pairs:
         nt, hf = results[a], results[b]
         print(f"\n{a} / {b} ({what}): "

@@ -183,6 +183,37 @@ def test_our_dora_adapter_loads_in_peft(tmp_path):
         torch.testing.assert_close(theirs.merge_and_unload()(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_qdora_matches_peft_on_an_nf4_base(tmp_path, device):
+    """QDoRA both ways: transformers quantizes the same weights to the same NF4 codes, peft puts DoRA on
+    them; its adapter loaded here computes its logits, in evaluation and in training with dropout.
+    Needs transformers, peft and bitsandbytes in one environment (bench/gpu_check.py's GPU machine)."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    bnb = pytest.importorskip("bitsandbytes")
+    make_folder(tmp_path / "base", config_json("llama", num_key_value_heads=2, hidden_size=64, intermediate_size=128))
+    nf4 = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=nf4,
+                                                             device_map={"": device}, dtype=torch.float32,
+                                                             attn_implementation="eager")
+    for m in base.modules():  # as nanotune.quantize does: no bf16 repacking for CPU inference, fp32 as in training
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    torch.manual_seed(0)
+    theirs = peft_dora(base, peft, dropout=0.2)
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    ours = quantize(from_pretrained(str(tmp_path / "base")), 4, device=device).to(device)
+    ours = load_adapter(ours, str(tmp_path / "adapter"))
+    ids = token_ids().to(device)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), theirs.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+        torch.manual_seed(1)
+        mine = ours.train()(ids)
+        torch.manual_seed(1)
+        torch.testing.assert_close(mine, theirs.train()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def llama_folder(path, width=64):
     """A tiny Llama folder with a tokenizer, `width` wide (bitsandbytes' 4-bit blocks hold 64 weights)."""
     make_folder(path, config_json("llama", vocab_size=320, eos_token_id=0, hidden_size=width,
