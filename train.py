@@ -83,6 +83,8 @@ def parse_args(argv=None):
       "eps underflows there; under --precision 16 fp32 weights compute in fp16)")
     a("--rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     a("--lora-layers", type=int, nargs="+", help="adapt only these block indices (None: every block)")
+    a("--use-dora", action="store_true", help="DoRA: also train a magnitude per output feature of each adapted "
+      "Linear (README: what it costs per step)")
     a("--adapter", help="start from this PEFT-format adapter folder instead of a fresh LoRA")
     a("--merge", action="store_true", help="also write OUT/merged: the base with the adapter folded in")
     a("--save-dtype", choices=list(SAVE_DTYPES), help="dtype of the weights in OUT/model and OUT/merged (None: the "
@@ -324,7 +326,7 @@ def adapt(model, args, precision):
         check_adapter_flags(args, parse_args([]), model.lora_config)
     elif args.lora:
         inject_lora(model, args.lora_target, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
-                    args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers)
+                    args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers, args.use_dora)
     else:
         model.requires_grad_(True)
     if quant_bits(args) and precision.autocast and model.lora_config["bias"] != "none":

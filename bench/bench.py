@@ -5,6 +5,7 @@
     python bench/bench.py --mode nf4 --hidden 768 --layers 12 --heads 12 --seq 512
     python bench/bench.py --family llama --kv-heads 2 --compare-hf  # Llama-3.2-1B's proportions, LlamaForCausalLM
     python bench/bench.py --mode lora-bf16 --compile --profile 3    # eager and compiled nanotune; where a step goes
+    python bench/bench.py --mode nf4 --dora --lora-dropout 0.1      # DoRA beside LoRA, both on the NF4 base
 
 What one run does:
   1. Builds a random model of the requested family and shape (seeded) and writes it once with
@@ -16,7 +17,8 @@ What one run does:
   2. Speed, in this process: each runner (nanotune; with --compile also nanotune with its blocks
      compiled as train.py --compile compiles them; with --compare-hf also transformers + peft, in
      its bf16 variants) is built exactly as its users would build it, runs --warmup untimed steps
-     (with --compile the first step of each is printed: the compiled runner's compiles), then the
+     (with --compile the first step of each is printed: the compiled runner's compiles; --dora adds
+     nanotune with DoRA on the same targets, and its ratio to LoRA), then the
      runners take turns running --block timed steps each until every one has run --steps.
      Interleaving spreads the noise of a shared machine evenly over the frameworks, so the
      ratios stay meaningful even when the absolute numbers drift. Besides tokens per
@@ -99,6 +101,10 @@ def parse_args(argv=None):
     a("--lora-r", type=int, default=8, help="LoRA rank on the family's default targets, query_key_value or "
       "q_proj and v_proj (default: %(default)s)")
     a("--lora-alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
+    a("--lora-dropout", type=float, default=0.0, help="dropout on LoRA's input; DoRA then computes W x a second "
+      "time, on the dropped input (default: %(default)s)")
+    a("--dora", action="store_true", help="also time nanotune with DoRA (train.py's --use-dora) beside LoRA in the "
+      "same run (with --compare-hf, peft's DoRA beside peft's LoRA too); with --strategy, only DoRA")
     a("--grad-checkpoint", action="store_true", help="recompute each block in the backward (train.py's flag; "
       "transformers' gradient_checkpointing_enable for HF)")
     a("--steps", type=int, default=12, help="timed steps per runner (default: %(default)s)")
@@ -243,8 +249,8 @@ class Runner:
         return time.perf_counter() - t, time.process_time() - cpu
 
 
-def nanotune_model(args, path, device):
-    """The model as train.py builds it for this mode, and its precision."""
+def nanotune_model(args, path, device, dora=False):
+    """The model as train.py builds it for this mode (with DoRA if dora), and its precision."""
     lora, precision_name, bits = MODES[args.mode]
     precision = resolve(args.precision or precision_name, device)
     model = from_pretrained(path, device="cpu" if bits else device)  # a base reaches the GPU quantized
@@ -252,14 +258,14 @@ def nanotune_model(args, path, device):
     if bits:
         quantize(model, bits, precision.compute_dtype, device=device)
     if lora:
-        inject_lora(model, model.lora_targets, args.lora_r, args.lora_alpha, dropout=0.0)
+        inject_lora(model, model.lora_targets, args.lora_r, args.lora_alpha, dropout=args.lora_dropout, dora=dora)
     else:
         model.requires_grad_(True)
     return cast_frozen(model, precision).to(device).train(), precision
 
 
 def build_nanotune(args, path, device, name="nanotune"):
-    model, precision = nanotune_model(args, path, device)
+    model, precision = nanotune_model(args, path, device, dora=name == "nanotune-dora")
     if name == "nanotune-compile":
         compile_blocks(model)
     return Runner(name, model, lambda: precision.context(device), precision.compute_dtype, hf=False)
@@ -279,7 +285,7 @@ def build_hf(args, path, device, name):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     lora, _, bits = MODES[args.mode]
-    dtype, autocast = hf_variants(args, device)[name]
+    dtype, autocast = hf_variants(args, device)[name.removesuffix("-dora")]
     quant = None
     if bits == 8:
         quant = BitsAndBytesConfig(load_in_8bit=True)
@@ -291,9 +297,9 @@ def build_hf(args, path, device, name):
     if args.grad_checkpoint:  # non-reentrant, as nanotune's: no need for inputs that require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:  # peft keeps the adapter in fp32 over a bf16 base (autocast_adapter_dtype=True)
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  target_modules=list(FAMILIES[args.family].lora_targets),
-                                                 task_type="CAUSAL_LM"))
+                                                 use_dora=name.endswith("-dora"), task_type="CAUSAL_LM"))
     else:
         model.requires_grad_(True)
     model.train()
@@ -325,7 +331,7 @@ def measure_memory(args, device, batch_list):
     optimizer.step()
     if MODES[args.mode][2]:
         import bitsandbytes  # noqa: F401
-    if args.only != "nanotune":
+    if not args.only.startswith("nanotune"):
         import peft  # noqa: F401
         import transformers  # noqa: F401
     if device.type == "cuda":
@@ -416,7 +422,7 @@ def run_distributed(args):
     world = compute_init(args.strategy, args.device)
     with tempfile.TemporaryDirectory() as tmp:  # the same seeded weights on every rank
         write_model(args, tmp)
-        model, precision = nanotune_model(args, tmp, world.device)
+        model, precision = nanotune_model(args, tmp, world.device, dora=args.dora)
     flops, shapes = flops_per_token(model, args.seq), linear_shapes(model)
     if args.compile:  # before the wrapper, as train.py does
         compile_blocks(model)
@@ -424,7 +430,7 @@ def run_distributed(args):
         model = wrap_ddp(model, world)
     else:
         model = wrap_fsdp(model, world, autocast_dtype=precision.autocast_dtype)
-    name = f"nanotune{'-compile' if args.compile else ''} {world.strategy} x{world.size}"
+    name = f"nanotune{'-compile' if args.compile else ''}{'-dora' if args.dora else ''} {world.strategy} x{world.size}"
     runner = Runner(name, model, lambda: precision.context(world.device), precision.compute_dtype, hf=False)
     args.seed += world.rank
     batch_list = batches(args)
@@ -449,14 +455,14 @@ def main(args):
     batch_list = batches(args)
     if args.only:
         return measure_memory(args, device, batch_list)
-    names = ["nanotune"] + (["nanotune-compile"] if args.compile else [])
+    names = ["nanotune"] + (["nanotune-compile"] if args.compile else []) + (["nanotune-dora"] if args.dora else [])
     if args.compare_hf:
         try:
             import peft  # noqa: F401
             import transformers  # noqa: F401
         except ImportError:
             sys.exit("--compare-hf needs transformers and peft: pip install transformers peft")
-        names += list(hf_variants(args, device))
+        names += list(hf_variants(args, device)) + ([f"{n}-dora" for n in hf_variants(args, device)] if args.dora else [])
     with tempfile.TemporaryDirectory() as tmp:
         args.model_dir = tmp
         write_model(args, tmp)
@@ -525,9 +531,10 @@ def report(args, runners, flops, shapes, memory, device, world_size=1):
               f"of which the transformer blocks {blocks / 2**20:.1f} MB")
     ours, theirs = [r.name for r in runners if not r.hf], [r.name for r in runners if r.hf]
     pairs = [("nanotune-compile", "nanotune", "eager")] if "nanotune-compile" in ours else []
-    if theirs:
-        best = max(theirs, key=lambda name: results[name]["tokens_per_s"])
-        pairs += [(name, best, "the fastest HF setting") for name in ours]
+    pairs += [("nanotune-dora", "nanotune", "LoRA")] if "nanotune-dora" in ours else []
+    for name in ours if theirs else ():  # LoRA against peft's LoRA, DoRA against peft's DoRA
+        alike = [t for t in theirs if t.endswith("-dora") == name.endswith("-dora")]
+        pairs.append((name, max(alike, key=lambda t: results[t]["tokens_per_s"]), "the fastest HF setting"))
     for a, b, what in pairs:
         nt, hf = results[a], results[b]
         print(f"\n{a} / {b} ({what}): "

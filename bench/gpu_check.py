@@ -218,6 +218,14 @@ def fsdp_command(mode):
     return command
 
 
+def qdora_command(run):
+    """DoRA on an NF4 base (QDoRA), dropout on, beside LoRA on it, each against peft's: what DoRA costs per
+    step. Its logits against peft's are tests/test_dora.py's CUDA case, which the tests part runs."""
+    needs_bnb(run)
+    return run.bench("neox-1.4b", "--mode", "nf4", "--precision", "bf16", "--dora", "--lora-dropout", "0.1", hf=True,
+                     steps=["--steps", "3", "--warmup", "1"])
+
+
 def generate_smoke_command(run):
     return [run.python, "-m", "nanotune.generate", "--model", os.path.join(ROOT, "assets", "tiny-neox"),
             "--prompt", "Reverse the order of these words.", "--input", "cat dog pear fig", "--device", run.device]
@@ -325,6 +333,7 @@ PARTS = [  # cheapest and most important first
     Part("llama-1b", 80, 200, lambda run: run.bench("llama-1b", "--mode", "lora-bf16", hf=True),
          hf_check(speed=False)),
     Part("generate", 40, 150, generate_command),
+    Part("qdora-1.4b", 90, 240, qdora_command),
 ]
 
 

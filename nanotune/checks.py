@@ -62,7 +62,7 @@ ADAPTER_SHAPE = {"--lora-r": ("lora_r", "r"), "--lora-alpha": ("lora_alpha", "lo
                  "--lora-target": ("lora_target", "target_modules"), "--lora-bias": ("lora_bias", "bias"),
                  "--modules-to-save": ("modules_to_save", "modules_to_save"), "--rslora": ("rslora", "use_rslora"),
                  "--lora-layers": ("lora_layers", "layers_to_transform"),
-                 "--lora-dropout": ("lora_dropout", "lora_dropout")}
+                 "--lora-dropout": ("lora_dropout", "lora_dropout"), "--use-dora": ("use_dora", "use_dora")}
 
 
 def check_adapter_flags(args, defaults, config):

@@ -4,7 +4,8 @@
 `base_layer` and adds a low-rank update:  y = W x + b + B(A(dropout(x))) * scaling.
 Module names match PEFT's, so an adapter saved here is a PEFT adapter and vice versa:
 `<path>.lora_A.weight` is (r, in), `<path>.lora_B.weight` is (out, r), zero-initialised so the
-adapted model starts exactly equal to the base. This file knows nothing of the model it adapts
+adapted model starts exactly equal to the base. `DoRALinear` adds DoRA's trained magnitude
+(`<path>.lora_magnitude_vector`, (out,)) on top. This file knows nothing of the model it adapts
 beyond three optional attributes: `head_path`, the output head that 'all-linear' leaves alone (as
 PEFT does), `head_aliases`, other names PEFT may save that head under, and `lora_targets`, the
 Linears to adapt when none are named.
@@ -16,17 +17,20 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 from nanotune import UserError
+from nanotune.quantize import dense_weight
 
 BIAS_MODES = ("none", "all", "lora_only")
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
 # PEFT LoraConfig options that change what an adapter computes and that nanotune does not implement:
 # load_adapter refuses an adapter that turns one on, rather than compute something else.
 UNSUPPORTED_PEFT_OPTIONS = {"rank_pattern": "per-module ranks", "alpha_pattern": "per-module alphas",
-                            "exclude_modules": "modules left out of target_modules", "use_dora": "DoRA",
+                            "exclude_modules": "modules left out of target_modules",
                             "lora_bias": "a bias on lora_B", "fan_in_fan_out": "transposed Conv1D weights",
                             "target_parameters": "LoRA on bare parameters"}
 
@@ -75,6 +79,71 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class DoRALinear(LoRALinear):
+    """DoRA (Liu et al. 2024, arXiv:2402.09353, eq. 5): the adapted weight split into a direction and
+    a trained magnitude m (out,),
+
+        W' = m * (W + s B A) / ||W + s B A||_c        (s = scaling)
+
+    ||.||_c is the norm of each output row of the (out, in) weight (the paper's columns: it writes W as
+    (in, out)). m starts at ||W||_c, so with B = 0 the adapted model starts equal to the base. As in
+    sec. 4.3, and as peft computes it, the norm is taken without gradient: m / ||.||_c is then a
+    per-output scale, and the forward needs no (out, in) matrix in the graph:
+
+        y = W x + b + (m / ||W + s B A||_c - 1) W x + (m / ||W + s B A||_c) s B A x
+
+    The norm needs W itself, dequantized over a quantized base: one layer's at a time, then freed."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dtype=torch.float32):
+        super().__init__(base_layer, r, alpha, dropout, rslora, dtype)
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dense_weight(base_layer).to(dtype)))
+
+    @torch.no_grad()
+    def weight_norm(self, weight):
+        """||W + s B A||_c, (out,), for W (out, in) in the LoRA weights' dtype; never differentiated."""
+        lora_weight = (self.lora_B.weight @ self.lora_A.weight).to(weight.dtype)  # (out, r) @ (r, in)
+        return torch.linalg.norm(weight + self.scaling * lora_weight, dim=1).to(weight.dtype)
+
+    def base_product(self, x):
+        """W x, W dequantized and cast to x's dtype, without the bias."""
+        return F.linear(x, dense_weight(self.base_layer).to(x.dtype))
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        x = x.to(self.lora_A.weight.dtype)
+        scale = self.lora_magnitude_vector / self.weight_norm(dense_weight(self.base_layer).to(x.dtype))  # (out,)
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            # The direction term must see the same dropped input as B A, so W x is computed again on it
+            # (peft's choice; an extra matmul per adapted layer). Recomputed in the backward instead of
+            # keeping W: a dequantized or cast W per layer would otherwise stay in memory until then.
+            x = self.dropout(x)
+            base = checkpoint(self.base_product, x, use_reentrant=False)
+        else:  # the base output already holds W x (dropout off, or evaluation)
+            base = y if self.base_layer.bias is None else y - self.base_layer.bias
+        lora = self.lora_B(self.lora_A(x))
+        return (y + (scale - 1) * base + scale * lora * self.scaling).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- m / ||W + s B A||_c * (W + s B A); the bias is not scaled (it is outside the norm)."""
+        if not self.merged:
+            w = self.base_layer.weight
+            adapted = w.float() + self.delta_weight()
+            self.merged_scale = (self.lora_magnitude_vector.float() / torch.linalg.norm(adapted, dim=1))[:, None]
+            w.copy_((self.merged_scale * adapted).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:  # the merged weight's norm is |m|, not W's: divide by the scale merge applied
+            w = self.base_layer.weight
+            w.copy_((w.float() / self.merged_scale - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+
 def block_index(name: str):
     """The transformer-block index in a module path like 'model.layers.3.self_attn...' (or None)."""
     m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
@@ -90,9 +159,10 @@ def linear_names(model: nn.Module):
 
 
 def inject_lora(model: nn.Module, target_modules=None, r=8, alpha=32, dropout=0.1,
-                bias="none", modules_to_save=(), dtype=torch.float32, rslora=False, layers=None):
-    """Replace every nn.Linear whose name equals a target, or ends with '.'+target, by a LoRALinear,
-    then freeze everything but the LoRA weights, the chosen biases and `modules_to_save`.
+                bias="none", modules_to_save=(), dtype=torch.float32, rslora=False, layers=None, dora=False):
+    """Replace every nn.Linear whose name equals a target, or ends with '.'+target, by a LoRALinear
+    (a DoRALinear if dora), then freeze everything but the adapter's weights, the chosen biases and
+    `modules_to_save`.
     target_modules="all-linear" adapts every Linear but the output head; None, the model's
     `lora_targets` (PEFT's default for its family). layers restricts the adapted Linears to those
     block indices (PEFT's layers_to_transform). Returns the model."""
@@ -125,13 +195,14 @@ def inject_lora(model: nn.Module, target_modules=None, r=8, alpha=32, dropout=0.
         if not any(matches(n, [name]) for n in module_names):
             raise UserError(f"--modules-to-save {name!r} matches no module; top-level modules are: "
                             f"{', '.join(n for n, _ in model.named_children())}")
+    layer = DoRALinear if dora else LoRALinear
     for name in chosen:
-        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora, dtype))
+        model.set_submodule(name, layer(model.get_submodule(name), r, alpha, dropout, rslora, dtype))
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                          # PEFT accepts "all-linear" only as a string, not in a list
                          "target_modules": "all-linear" if list(target_modules) == ["all-linear"]
                          else list(target_modules), "bias": bias,
-                         "modules_to_save": list(modules_to_save) or None, "use_rslora": rslora,
+                         "modules_to_save": list(modules_to_save) or None, "use_rslora": rslora, "use_dora": dora,
                          "layers_to_transform": list(layers) if layers is not None else None}
     owners = {}  # a tied tensor (tie_word_embeddings) is one parameter under several names
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -149,7 +220,7 @@ def inject_lora(model: nn.Module, target_modules=None, r=8, alpha=32, dropout=0.
 
 def is_adapter_param(name: str, config: dict) -> bool:
     """Does this parameter belong to the adapter (trained, and saved with it)? PEFT's rule per bias mode."""
-    if ".lora_A." in name or ".lora_B." in name:
+    if ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector"):
         return True
     parts = name.split(".")[:-1]  # the owning module's path, and every module above it
     if any(matches(".".join(parts[:i]), config["modules_to_save"] or []) for i in range(1, len(parts) + 1)):
@@ -164,7 +235,8 @@ def lora_layers(model):
 
 
 def merge(model):
-    """Fold every adapter into its base weight (W += scaling * B A); the forward then skips LoRA."""
+    """Fold every adapter into its base weight (W += scaling * B A; DoRA's scaled as it says); the
+    forward then skips LoRA."""
     for m in lora_layers(model):
         m.merge()
 
@@ -227,7 +299,7 @@ def load_adapter(model, path: str, dtype=torch.float32):
     to_save = list(dict.fromkeys(aliases.get(m, m) for m in config.get("modules_to_save") or ()))
     inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                 config.get("bias", "none"), to_save, dtype,
-                config.get("use_rslora", False), config.get("layers_to_transform"))
+                config.get("use_rslora", False), config.get("layers_to_transform"), config.get("use_dora", False))
     expected = {PEFT_PREFIX + n: p for n, p in model.named_parameters() if is_adapter_param(n, model.lora_config)}
     weights = os.path.join(path, "adapter_model.safetensors")
     if not os.path.exists(weights):

@@ -74,12 +74,12 @@ def cast_frozen(model: nn.Module, p: Precision):
     but what the checkpoint stored in 16 bits (load_dtype)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
-        if ".lora_" in name + ".":
-            continue
         frozen_linear = type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()) \
             and id(module.weight) not in embeddings
         dtype = p.compute_dtype if p.name == "bf16-true" or (p.autocast and frozen_linear) else torch.float32
-        for param in module.parameters(recurse=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            if ".lora_" in f".{name}.{param_name}":  # lora_A, lora_B, lora_magnitude_vector keep --lora-dtype
+                continue
             if param.is_floating_point() and param.dtype != dtype:  # int8 / packed 4-bit codes keep theirs
                 param.data = param.data.to(dtype)
     return model

@@ -85,7 +85,18 @@ def dequantized_weight(bnb, layer) -> torch.Tensor:
         # After the first forward, bitsandbytes moves the row scales from the weight to layer.state.
         SCB = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
         return bnb.functional.int8_vectorwise_dequant(layer.weight.data, SCB).float()  # CB * SCB / 127
-    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    # FSDP's gathered weight is a plain Parameter without the quantization state; the layer keeps its own.
+    state = getattr(layer.weight, "quant_state", None)
+    state = layer.quant_state if state is None else state
+    return bnb.functional.dequantize_4bit(layer.weight.data, state).float()
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) weight a base layer computes with: a plain Linear's own, a quantized one's
+    dequantized to fp32 (a new tensor the size of this one layer: DoRA's weight norm needs it)."""
+    if type(layer) is nn.Linear:
+        return layer.weight
+    return dequantized_weight(_bitsandbytes(), layer)
 
 
 def dequantize(model: nn.Module):

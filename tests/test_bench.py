@@ -66,13 +66,15 @@ def test_every_mode_trains_and_reports(mode, capsys):
 
 def test_llama_trains_and_reports(capsys):
     """--family llama: grouped-query attention (4 query heads on 1 kv head), the head tied to the
-    embedding, LoRA on q_proj and v_proj."""
+    embedding, LoRA on q_proj and v_proj; --dora times DoRA on them beside it."""
     bench.main(bench.parse_args(["--family", "llama", "--mode", "lora-bf16", "--steps", "2", "--warmup", "1",
-                                 "--no-memory", *TINY]))
+                                 "--no-memory", "--dora", "--lora-dropout", "0.1", *TINY]))
     out = capsys.readouterr().out
     assert "llama, mode lora-bf16: hidden 32, 2 layers, 4 heads, 1 kv heads, vocab 96, tied head" in out
+    assert "nanotune-dora / nanotune (LoRA): tokens/s x" in out
     result = json_line(out)["nanotune"]
     assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 2 and result["blocks_mb"] < result["base_mb"]
+    assert json_line(out)["nanotune-dora"]["tokens_per_s"] > 0
 
 
 def test_base_bytes_leave_lora_out():

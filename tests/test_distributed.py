@@ -94,6 +94,27 @@ def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
     load_adapter(from_pretrained(model), fsdp / "adapter")
 
 
+def test_fsdp_dora_on_a_4bit_base(tiny_data, tmp_path):
+    """QDoRA under FSDP: each block's magnitudes are sharded like its LoRA weights and gathered into a
+    complete adapter; the weight norm takes each NF4 Linear's codes as FSDP gathers them (without their
+    quantization state, which the layer keeps). 2 processes follow 1, as plain LoRA does."""
+    pytest.importorskip("bitsandbytes")
+    model = str(tmp_path / "model")
+    make_llama_folder(model, config_json("llama", vocab_size=320, eos_token_id=0, hidden_size=64,
+                                         intermediate_size=128, num_key_value_heads=2))
+    make_tokenizer().save(os.path.join(model, "tokenizer.json"))
+    single, fsdp = tmp_path / "single", tmp_path / "fsdp"
+    flags = ["--model", model, "--data", tiny_data, *COMMON, "--load-in-4bit", "--use-dora", "--lora-target",
+             "all-linear"]
+    train_here(*flags, "--out", single, "--grad-accum", 4)
+    run_torchrun(29947, *flags, "--out", fsdp, "--grad-accum", 2, "--strategy", "fsdp", "--fsdp-prefetch")
+    assert trajectory(fsdp) == pytest.approx(trajectory(single), abs=1e-5)
+    mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (fsdp, single))
+    assert mine.keys() == ref.keys() and len(mine) == 42  # 7 Linears x 2 blocks x (A, B, magnitude)
+    for key in ref:
+        torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=1e-5)
+
+
 def test_fsdp_ram_efficient_loading_gives_every_rank_identical_weights(tiny_model_dir):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29921", "tests/fsdp_loading_worker.py", tiny_model_dir],

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CPU_ONLY, ROOT, make_tokenizer, run_train, train_here
-from nanotune.lora import load_adapter
+from nanotune.lora import inject_lora, load_adapter, unload
 from nanotune.models import from_pretrained
 from nanotune.quantize import quantize
 from test_chatglm import glm_config, make_folder as make_glm_folder, thudm_config, tokenizer_folder
@@ -131,12 +131,36 @@ def test_an_instruct_fine_tune_stops_at_the_end_of_its_turn(tiny_data, tmp_path)
 
 
 def test_zero3_gathers_a_complete_llama_adapter(tiny_data, tmp_path):
-    """DeepSpeed ZeRO-3 partitions every parameter; the adapter it saves is gathered whole (a group of
-    one process: the partitioning and gathering code is the same as with many)."""
+    """DeepSpeed ZeRO-3 partitions every parameter (the tiny ones too: persistence threshold 0); the
+    adapter it saves is gathered whole (a group of one process: the partitioning and gathering code is
+    the same as with many). A DoRA adapter, with dropout: its weight norm, and its second W x in the
+    backward, read partitioned base weights, which DeepSpeed gathers as external parameters."""
     pytest.importorskip("deepspeed")
     model = family_folder(tmp_path / "model", "llama")
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     run_train("--model", model, "--data", tiny_data, "--out", tmp_path / "out", "--max-steps", 2, "--batch-size", 4,
-              "--strategy", "deepspeed", "--zero-stage", 3, "--lora-target", "all-linear", "--eval-exact-match", 0)
+              "--strategy", "deepspeed", "--zero-stage", 3, "--deepspeed-config", config, "--lora-target", "all-linear",
+              "--use-dora", "--eval-exact-match", 0)
     adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
-    assert len(adapter) == 2 * 7 * 2 and all(t.numel() > 0 for t in adapter.values())  # 7 Linears a block, A and B
+    assert len(adapter) == 2 * 7 * 3 and all(t.numel() > 0 for t in adapter.values())  # 7 Linears a block: A, B, m
     load_adapter(from_pretrained(model), tmp_path / "out" / "adapter")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dora_on_the_family_defaults_starts_at_the_base_and_merges(family, tmp_path):
+    """DoRA on PEFT's default targets of each family (fused query_key_value with its bias, or q_proj and
+    v_proj): with B = 0 it computes the base; moved off its init, unload folds it into plain weights
+    that compute what the adapted model does."""
+    model = family_folder(tmp_path / "model", family)
+    base, adapted = from_pretrained(model).eval(), inject_lora(from_pretrained(model), dora=True).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids), base(ids), atol=1e-5, rtol=1e-5)
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        expected = adapted(ids)
+        assert not torch.allclose(expected, base(ids), atol=1e-3)
+        torch.testing.assert_close(unload(adapted)(ids), expected, atol=1e-5, rtol=1e-5)

@@ -174,7 +174,7 @@ def test_mismatched_adapter_is_a_clear_error(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("option", [{"alpha_pattern": {"layers.1.attention.query_key_value": 4}},
                                     {"rank_pattern": {"layers.0.attention.query_key_value": 2}},
                                     {"exclude_modules": ["layers.0.attention.query_key_value"]},
-                                    {"use_dora": True}, {"lora_bias": True},
+                                    {"lora_bias": True},
                                     {"target_modules": ".*query_key_value"}])
 def test_peft_options_nanotune_does_not_implement_are_refused(tiny_model_dir, tmp_path, option):
     """An adapter that turns on a PEFT option nanotune does not compute is refused, never loaded
