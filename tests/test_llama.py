@@ -191,8 +191,7 @@ def test_absent_and_ignored_fields_read_as_transformers_reads_them(model_type, o
 
 
 @pytest.mark.parametrize("model_type,overrides,message", [
-    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
-    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "mrope", "factor": 2.0}}, "rope type 'mrope' is not supported"),
     ("llama", {"rope_scaling": {**LLAMA3, "low_freq_factor": None}}, "needs a positive number low_freq_factor"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window is true"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),

@@ -16,9 +16,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanotune import UserError
-from nanotune.models import chatglm, gpt_neox, llama
+from nanotune.models import chatglm, gemma, gpt_neox, llama, phi3
 
-MODEL_TYPES = {**gpt_neox.MODEL_TYPES, **llama.MODEL_TYPES, **chatglm.MODEL_TYPES}
+MODEL_TYPES = {**gpt_neox.MODEL_TYPES, **llama.MODEL_TYPES, **chatglm.MODEL_TYPES, **phi3.MODEL_TYPES,
+               **gemma.MODEL_TYPES}
 # Files of a model folder that describe its tokenizer: copied into every model folder we write.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "added_tokens.json")
