@@ -11,6 +11,8 @@ from nanotune import UserError
 from nanotune.generate import generate
 from nanotune.models import from_pretrained, save_pretrained
 from nanotune.models.rope import frequencies
+from test_chatglm import glm_config
+from test_gemma_phi3 import gemma_config
 from test_llama import config_json, perturb
 
 SHORT = [1.0, 1.1, 1.3, 1.6]  # longrope's per-pair factors for hs 8, while a sequence fits the original context
@@ -33,6 +35,15 @@ CASES = {
     "longrope-qwen3": config_json("qwen3", num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                                   rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG,
                                                 "original_max_position_embeddings": 16}),
+    "yarn-gpt_neox": {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": 300,
+                      "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+                      "rotary_pct": 0.5, "max_position_embeddings": 64, "rope_scaling": {
+                          "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+    "dynamic-glm": glm_config(vocab_size=300, max_position_embeddings=16, rope_parameters={
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0, "partial_rotary_factor": 0.5}),
+    "dynamic-gemma2": gemma_config(max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    "yarn-gemma3_text": gemma_config("gemma3_text", rope_local_base_freq=20.0, sliding_window_pattern=2, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),  # the global layers only
     "longrope-phi3": {**PHI3, "rope_scaling": {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG}},
     "longrope-partial-phi3": {**PHI3, "partial_rotary_factor": 0.5, "sliding_window": 10, "rope_scaling": {
         "type": "su", "short_factor": SHORT[:2], "long_factor": LONG[:2]}},  # 'su': Phi-3's first name for it

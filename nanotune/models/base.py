@@ -250,11 +250,6 @@ def rotate_pairs(x):
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
-def inv_frequencies(dim, base, device):
-    """base^(-2i/dim) for i < dim/2: the angle per position of each rotated pair (RoFormer, sec. 3.4)."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim))
-
-
 def positive_ints(hf: dict, keys, where: str):
     """Refuse a config.json whose sizes are missing or not positive integers."""
     for key in keys:

@@ -7,7 +7,6 @@ T time, C hidden size, nh query heads, nkv key/value heads, hs head size (not al
 """
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

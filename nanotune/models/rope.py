@@ -132,11 +132,12 @@ def yarn(rope, dim, base, exponents):
     return (1.0 / (factor * powers)) * (1 - keep) + (1.0 / powers) * keep, attention
 
 
-def rotary_tables(rope: dict, dim: int, max_position_embeddings: int, positions, dtype):
+def rotary_tables(rope: dict, dim: int, max_position_embeddings: int, positions, dtype, interleaved=False):
     """cos, sin (B or 1, T, dim) of positions (B or 1, T) in the rotate-half layout (pair i with
-    i + dim/2), computed in fp32 and scaled by the attention factor, then cast, as transformers does."""
+    i + dim/2), or interleaved (pair 2i, 2i + 1: GLM), computed in fp32 and scaled by the attention
+    factor, then cast, as transformers does."""
     seq_len = positions.max() + 1
     inv_freq, attention = frequencies(rope, dim, max_position_embeddings, seq_len, positions.device)
     freqs = positions[..., None].float() * inv_freq  # (B, T, dim/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
+    emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention).to(dtype), (emb.sin() * attention).to(dtype)
