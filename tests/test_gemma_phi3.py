@@ -67,6 +67,25 @@ def test_matches_transformers_both_ways(tmp_path, case):
         torch.testing.assert_close(back(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_soft_capped_loss_and_its_gradients_match_transformers(tmp_path):
+    """Gemma 2's training loss goes through the soft-capped logits (each chunk recomputed in the
+    backward): the mean over the batch and the head's gradient equal transformers'."""
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**CASES["gemma2"]),
+                                                           attn_implementation="eager")
+    perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.cat((ids[:, 1:], torch.full((2, 1), -100)), dim=1)  # ours come shifted
+    expected = theirs(ids, labels=ids).loss
+    expected.backward()
+    loss = ours(ids, labels=labels) / labels.ne(-100).sum()
+    loss.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.lm_head.weight.grad, theirs.lm_head.weight.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_switches_change_the_logits(tmp_path):
     """Each Gemma switch the parity test relies on bites on these configs: without it, other logits."""
     make_folder(tmp_path, CASES["gemma2"])
