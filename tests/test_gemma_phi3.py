@@ -134,6 +134,7 @@ def test_adapters_move_between_peft_and_nanotune(tmp_path, case):
     (gemma_config(hidden_activation="gelu"), "hidden_activation 'gelu' is not supported"),
     (gemma_config("gemma3_text", layer_types=["full_attention"]), "layer_types must name"),
     (phi3_config(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope type 'linear' is not supported for phi3"),
+    (phi3_config(sliding_window=0), "sliding_window must be a positive integer"),
 ])
 def test_refuses_in_one_sentence(tmp_path, hf, message):
     (tmp_path / "config.json").write_text(json.dumps(hf))

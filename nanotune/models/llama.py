@@ -17,6 +17,7 @@ from nanotune.models.rope import REQUIRED as ROPE_TYPES, read_rope, rotary_table
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
 
+
 @dataclass
 class Config:
     model_type: str = "llama"
@@ -61,7 +62,8 @@ class Config:
                             f"{model_type}; set it to false, as Qwen's released checkpoints have it")
         positive_ints(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads"), where)
-        optional = ("num_key_value_heads", "head_dim") + (("sliding_window",) if model_type == "mistral" else ())
+        optional = ("num_key_value_heads", "head_dim") + (("sliding_window",) if model_type in ("mistral", "phi3")
+                                                          else ())
         positive_ints(hf, [key for key in optional if hf.get(key) is not None], where)
         known = {k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                     "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
