@@ -51,6 +51,10 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
     positions = (real.cumsum(1) - 1).clamp(min=0)  # (B, T): 0 at each row's first token
     cache = Cache(T + max_new_tokens, real if not real.all() else None)
     logits = model(ids, positions=positions, cache=cache)  # (B, V)
+    # A model whose rotary angles change once the sequence passes a length recomputes its cache there
+    # (Phi-3 with longrope, as transformers does): it needs every token fed so far, and their positions.
+    recompute_past = getattr(getattr(model, "module", model), "recompute_past", None)  # DDP/DeepSpeed: .module
+    fed, fed_positions = ids, positions  # (B, L) each
     new, done = [[] for _ in prompts], [False] * B
     for step in range(max_new_tokens):
         token = pick(logits.float(), temperature, top_k, top_p, generator)  # (B,)
@@ -65,7 +69,12 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
         positions = positions[:, -1:] + 1  # (B, 1)
         if cache.real is not None:
             cache.real = torch.cat((cache.real, torch.ones(B, 1, dtype=torch.bool, device=device)), dim=1)
-        logits = model(token[:, None], positions=positions, cache=cache)
+        fed, fed_positions = torch.cat((fed, token[:, None]), 1), torch.cat((fed_positions, positions), 1)
+        if fed.shape[1] - 1 == recompute_past:
+            cache = Cache(T + max_new_tokens, cache.real)
+            logits = model(fed, positions=fed_positions, cache=cache)
+        else:
+            logits = model(token[:, None], positions=positions, cache=cache)
     return new
 
 

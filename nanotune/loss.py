@@ -7,18 +7,24 @@ backward (LinearCrossEntropy below).
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # label of a position that is not trained on (cross_entropy's ignore_index)
 
 
-def summed_cross_entropy(h, labels, head, chunk=256):
+def summed_cross_entropy(h, labels, head, chunk=256, softcap=None):
     """Summed next-token cross-entropy over positions whose label is not IGNORE (fp32 scalar).
 
     h (B, T, C) are the final hidden states, head the output Linear. labels are already shifted
     (labels[:, t] is the target after input_ids[:, t]). The caller divides by the token count of the
-    whole global batch, so every micro-batch, rank and accumulation step weighs each token equally."""
+    whole global batch, so every micro-batch, rank and accumulation step weighs each token equally.
+    softcap: the logits are softcap tanh(logits / softcap) (Gemma 2's final soft-capping)."""
     keep = labels != IGNORE
     h, targets = h[keep], labels[keep]  # (N, C), (N,)
+    if softcap is not None:  # each chunk's logits recomputed in the backward rather than kept (checkpoint)
+        return sum((checkpoint(capped_cross_entropy, head, h[i:i + chunk], targets[i:i + chunk], softcap,
+                               use_reentrant=False) for i in range(0, h.shape[0], chunk)),
+                   h.new_zeros((), dtype=torch.float32))
     if type(head) is nn.Linear and head.bias is None:  # a LoRA-adapted head takes the plain loop below
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
             else head.weight.dtype
@@ -28,6 +34,11 @@ def summed_cross_entropy(h, labels, head, chunk=256):
         logits = head(h[i:i + chunk]).float()
         total = total + F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
     return total
+
+
+def capped_cross_entropy(head, h, targets, softcap):
+    logits = head(h).float()
+    return F.cross_entropy(torch.tanh(logits / softcap) * softcap, targets, reduction="sum")
 
 
 class LinearCrossEntropy(torch.autograd.Function):

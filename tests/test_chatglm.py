@@ -302,7 +302,7 @@ def test_missing_sentencepiece_says_what_to_install(tmp_path, monkeypatch):
     ({k: v for k, v in thudm_config().items() if k != "padded_vocab_size"}, "'padded_vocab_size' is missing"),
     (thudm_config(rope_ratio="big"), "rope_ratio must be a positive number"),
     (glm_config(hidden_act="gelu"), "hidden_act 'gelu'"),
-    (glm_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}), "rope_type 'yarn'"),
+    (glm_config(rope_parameters={"rope_type": "yarn", "rope_theta": 1.0}), "yarn rope scaling needs a positive number"),
     (glm_config(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
     (glm_config(head_dim=0), "head_dim must be a positive integer"),
 ])

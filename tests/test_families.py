@@ -15,6 +15,7 @@ from nanotune.lora import inject_lora, load_adapter, unload
 from nanotune.models import from_pretrained
 from nanotune.quantize import quantize
 from test_chatglm import glm_config, make_folder as make_glm_folder, thudm_config, tokenizer_folder
+from test_gemma_phi3 import gemma_config, phi3_config
 from test_llama import LLAMA3, config_json, make_folder as make_llama_folder
 
 # config.json of each family's tiny folder (vocabulary 320 holds the test tokenizer's 300 tokens; its
@@ -26,10 +27,17 @@ FAMILIES = {
     "qwen3": config_json("qwen3", vocab_size=320, eos_token_id=0, num_key_value_heads=2, head_dim=16),
     "chatglm": thudm_config(padded_vocab_size=120),  # with ChatGLM3's SentencePiece tokenizer.model
     "glm": glm_config(vocab_size=320, eos_token_id=[0]),
+    # untied, so --modules-to-save can train the head (a tied one is refused); windows shorter than a row
+    "gemma2": gemma_config(vocab_size=320, eos_token_id=0, tie_word_embeddings=False, attn_logit_softcapping=5.0,
+                           final_logit_softcapping=8.0),
+    "gemma3_text": gemma_config("gemma3_text", vocab_size=320, eos_token_id=0, tie_word_embeddings=False,
+                                sliding_window_pattern=2, rope_local_base_freq=20.0),
+    "phi3": phi3_config(vocab_size=320, eos_token_id=0, partial_rotary_factor=0.5, sliding_window=8),
 }
 TARGETS = {"llama": ("model.layers", ("q_proj", "v_proj"), "lm_head"),
-           "chatglm": ("transformer.encoder.layers", ("query_key_value",), "transformer.output_layer")}
-for name in ("mistral", "qwen2", "qwen3", "glm"):
+           "chatglm": ("transformer.encoder.layers", ("query_key_value",), "transformer.output_layer"),
+           "phi3": ("model.layers", ("qkv_proj",), "lm_head")}
+for name in ("mistral", "qwen2", "qwen3", "glm", "gemma2", "gemma3_text"):
     TARGETS[name] = TARGETS["llama"]
 
 
@@ -48,8 +56,8 @@ def family_folder(path, family):
 def test_lora_with_the_family_defaults_trains_merges_and_resumes_bitwise(family, tiny_data, tmp_path):
     """PEFT's default targets for the family, its head trained in full (--modules-to-save), gradient
     checkpointing and checkpoints; the adapter carries the family's own names, the merged folder
-    computes what the adapted model does, and (for Llama's and ChatGLM's module trees) a resume from
-    step 2 ends bitwise where the run did."""
+    computes what the adapted model does, and (for each module tree: Llama's, ChatGLM's, Gemma's,
+    Phi-3's) a resume from step 2 ends bitwise where the run did."""
     model = family_folder(tmp_path / "model", family)
     blocks, targets, head = TARGETS[family]
     flags = ["--model", model, "--data", tiny_data, "--max-steps", 4, "--batch-size", 4, "--lora-dropout", 0,
@@ -70,7 +78,7 @@ def test_lora_with_the_family_defaults_trains_merges_and_resumes_bitwise(family,
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-4, rtol=1e-4)
 
-    if family not in ("llama", "chatglm"):  # resuming is family-agnostic: one run per module tree suffices
+    if family not in ("llama", "chatglm", "gemma2", "phi3"):  # resuming is family-agnostic: one run per module tree
         return
     train_here(*flags, "--out", tmp_path / "resumed", "--resume", tmp_path / "out" / "checkpoints" / "step-2")
     resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
@@ -86,7 +94,8 @@ def test_quantization_keeps_the_family_head_in_full_precision(family, bits, tmp_
     assert plain == [model.head_path]  # every other Linear holds quantized weights
 
 
-@pytest.mark.parametrize("family,quantization", [("llama", "--load-in-4bit"), ("chatglm", "--load-in-8bit")])
+@pytest.mark.parametrize("family,quantization", [("llama", "--load-in-4bit"), ("chatglm", "--load-in-8bit"),
+                                                 ("gemma2", "--load-in-4bit")])  # its soft-capped loss in bf16
 def test_lora_on_a_quantized_base_trains(family, quantization, tiny_data, tmp_path):
     pytest.importorskip("bitsandbytes")
     model = family_folder(tmp_path / "model", family)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from nanotune import UserError
 from nanotune.lora import inject_lora, load_adapter, save_adapter
-from nanotune.models import from_pretrained, save_pretrained
-from nanotune.models.llama import ARCHITECTURES, Config, Llama
+from nanotune.models import MODEL_TYPES, from_pretrained, save_pretrained
+from nanotune.models.llama import ARCHITECTURES, Config
 
 T = 12  # tokens per test sequence: longer than the sliding window below, so the window masks something
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -58,7 +58,8 @@ def perturb(model, seed=0):
 
 def make_folder(path, hf):
     """A model folder with this config.json and random weights; returns the tensors as saved."""
-    model = Llama(Config.from_hf(hf, "test"))
+    cls = MODEL_TYPES[hf["model_type"]]  # Llama, or a family built on it (Phi-3) or beside it (Gemma)
+    model = cls(cls.config_class.from_hf(hf, "test"))
     perturb(model)
     save_pretrained(model, str(path))
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -191,8 +192,7 @@ def test_absent_and_ignored_fields_read_as_transformers_reads_them(model_type, o
 
 
 @pytest.mark.parametrize("model_type,overrides,message", [
-    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
-    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "mrope", "factor": 2.0}}, "rope type 'mrope' is not supported"),
     ("llama", {"rope_scaling": {**LLAMA3, "low_freq_factor": None}}, "needs a positive number low_freq_factor"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 4}, "use_sliding_window is true"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),

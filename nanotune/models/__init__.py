@@ -17,9 +17,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanotune import UserError
-from nanotune.models import chatglm, gpt_neox, llama
+from nanotune.models import chatglm, gemma, gpt_neox, llama, phi3
 
-MODEL_TYPES = {**gpt_neox.MODEL_TYPES, **llama.MODEL_TYPES, **chatglm.MODEL_TYPES}
+MODEL_TYPES = {**gpt_neox.MODEL_TYPES, **llama.MODEL_TYPES, **chatglm.MODEL_TYPES, **phi3.MODEL_TYPES,
+               **gemma.MODEL_TYPES}
 # Files of a model folder that describe its tokenizer: copied into every model folder we write.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -45,8 +46,7 @@ def read_config(path: str):
         raise UserError(f"{file} must hold a JSON object (a transformers config), not {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise UserError(f"{file}: model_type is {model_type!r}, which nanotune does not support; it loads "
-                        f"{', '.join(sorted(MODEL_TYPES))}")
+        raise UserError(f"{file}: {unsupported(hf)}")
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) \
             else "?"
@@ -55,6 +55,20 @@ def read_config(path: str):
                         "the original model")
     cls = MODEL_TYPES[model_type]
     return cls, cls.config_class.from_hf(hf, file)
+
+
+def unsupported(hf: dict) -> str:
+    """Why a config.json's model_type does not load, naming the types that do."""
+    model_type, types = hf.get("model_type"), ", ".join(sorted(MODEL_TYPES))
+    if any(key in hf for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return (f"model_type {model_type!r} is a mixture-of-experts model, which nanotune does not implement; "
+                f"it loads the dense types {types}")
+    if "vision_config" in hf or "text_config" in hf:
+        text = "gemma3_text (gemma-3-270m, gemma-3-1b)" if model_type == "gemma3" else "one of them"
+        return (f"model_type {model_type!r} is a multimodal model (a vision tower beside its language model), "
+                f"which nanotune does not load; it loads the text-only types {types}, so point --model at a "
+                f"folder of {text}")
+    return f"model_type is {model_type!r}, which nanotune does not support; it loads {types}"
 
 
 def safetensors_files(path: str) -> list:

@@ -8,9 +8,10 @@ The rest of the library never names a family's modules. It reads them from the m
                       quantization and 'all-linear' LoRA leave alone, as PEFT and QLoRA do
   model.head_aliases  other names the head has in transformers or PEFT ({'lm_head': 'embed_out'})
   model.lora_targets  the Linears LoRA adapts by default: PEFT's default for the family
-A family provides embed(input_ids), rotary(positions, dtype) -> (cos, sin) and final_norm(x); blocks
-are called as block(x, ctx), and each attention layer hands its rotated q, k, v to ctx.attend (below),
-which knows what the family need not: which keys each query may see, and the generation cache.
+A family provides embed(input_ids), rotary(positions, dtype) -> (cos, sin) and final_norm(x) (and,
+where its local-attention layers rotate by their own base, local_rotary: Gemma 3); blocks are called
+as block(x, ctx), and each attention layer hands its rotated q, k, v to ctx.attend (below), which
+knows what the family need not: which keys each query may see, and the generation cache.
 """
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,6 +32,7 @@ class CausalLM(nn.Module):
     head_aliases: dict = {}
     lora_targets: tuple
     ignored_keys: tuple = ()  # checkpoint tensors recomputed here (masks, rotary frequencies)
+    final_logit_softcapping: float = None  # logits = c tanh(logits / c) (Gemma 2), in the loss too
 
     def __init__(self, config):
         super().__init__()
@@ -59,7 +61,8 @@ class CausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
         cos, sin = self.rotary(positions, dtype)  # (B or 1, T, r) each
-        ctx = Context(cos[:, None], sin[:, None], documents, cache)  # (B or 1, 1, T, r): broadcast over heads
+        local = [t[:, None] for t in self.local_rotary(positions, dtype)] if hasattr(self, "local_rotary") else None
+        ctx = Context(cos[:, None], sin[:, None], documents, cache, local)  # (B or 1, 1, T, r): broadcast over heads
         for block in self.blocks:
             if self.grad_checkpoint and torch.is_grad_enabled():
                 # Keep only the block's input for the backward, which runs the block's forward again
@@ -75,14 +78,15 @@ class CausalLM(nn.Module):
         Packed rows (nanotune.packing) come with positions and documents, both (B, T). Generation
         (nanotune.generate) passes a Cache and gets the last position's logits only, (B, V)."""
         h = self.hidden_states(input_ids, positions, documents, cache)
+        cap = self.final_logit_softcapping
         if labels is not None:
-            return summed_cross_entropy(h, labels, self.head)
+            return summed_cross_entropy(h, labels, self.head, softcap=cap)
         if cache is None:
-            return self.head(h)
+            return softcap(self.head(h), cap)
         h = h[:, -1]  # (B, C): the next token's logits only. A plain head computes them transposed, W h^T:
         if type(self.head) is nn.Linear and self.head.bias is None:  # with a few rows and a large vocabulary,
-            return (self.head.weight @ h.T).T  # MKL runs that ~1.5x faster than h W^T (bench/generate.py)
-        return self.head(h)
+            return softcap((self.head.weight @ h.T).T, cap)  # MKL runs that ~1.5x faster than h W^T
+        return softcap(self.head(h), cap)  # (bench/generate.py)
 
 
 @dataclass
@@ -92,24 +96,27 @@ class Context:
 
     cos, sin   (B or 1, 1, T, r): a head's q and k (B, nh, T, hs) rotate by them (the family knows how)
     documents  (B, T) ids or None: packed rows (nanotune.packing), a query sees only keys of its own row
-    cache      a Cache or None: generation, the keys and values of the positions before these"""
+    cache      a Cache or None: generation, the keys and values of the positions before these
+    local      (cos, sin) of the local-attention layers, where they rotate by their own base (Gemma 3)"""
     cos: torch.Tensor
     sin: torch.Tensor
     documents: torch.Tensor = None
     cache: "Cache" = None
+    local: tuple = None
 
-    def attend(self, module, q, k, v, window=None):
+    def attend(self, module, q, k, v, window=None, scale=None, cap=None):
         """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs). With a
         cache, module's earlier k, v come first and these are appended. window: a key at distance >=
-        window from its query is not seen (Mistral's sliding window)."""
+        window from its query is not seen (Mistral's sliding window, Gemma's local layers). scale: of
+        q k^T (None: 1 / sqrt(hs)); cap: attention-logit soft-capping, c tanh(s / c) (Gemma 2)."""
         if self.cache is not None:
             k, v = self.cache.update(module, k, v)
         if self.documents is None:
-            return causal(q, k, v, window, self.cache.real if self.cache is not None else None)
-        return self.packed(q, k, v, window)
+            return causal(q, k, v, window, self.cache.real if self.cache is not None else None, scale, cap)
+        return self.packed(q, k, v, window, scale, cap)
 
     @torch.compiler.disable  # under --compile, eager: the rows' lengths change every step (nanotune.compile)
-    def packed(self, q, k, v, window):
+    def packed(self, q, k, v, window, scale=None, cap=None):
         # Packed rows: each row's own causal attention over contiguous copies of its q, k, v, rather than
         # one call with a (B, 1, T, T) block-diagonal mask. Both are exact; on a CPU at 1024 positions of
         # Alpaca rows this is 2.2-2.8x faster (BENCHMARKS.md): it skips the blocks between rows and keeps
@@ -118,7 +125,8 @@ class Context:
         B, T = self.documents.shape
         rows = zip(*(x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]).split(self.row_lengths)
                      for x in (q, k, v)))  # per row: its (L, nh or nkv, hs) slices of q, k, v
-        y = [causal(*(x.transpose(0, 1)[None].contiguous() for x in row), window)[0].transpose(0, 1) for row in rows]
+        y = [causal(*(x.transpose(0, 1)[None].contiguous() for x in row), window, None, scale, cap)[0].transpose(0, 1)
+             for row in rows]
         return torch.cat(y).view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)
 
     @cached_property
@@ -132,32 +140,56 @@ class Context:
         return [end - start for start, end in zip(starts, starts[1:])]
 
 
-def causal(q, k, v, window=None, real=None):
+def causal(q, k, v, window=None, real=None, scale=None, cap=None):
     """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs): the queries are the last Tq keys.
-    real (B, Tk) bool or None: which keys are tokens, not left padding (Cache.real)."""
+    real (B, Tk) bool or None: which keys are tokens, not left padding (Cache.real). scale, cap: as
+    Context.attend's."""
     B, nh, Tq, hs = q.shape
     Tk, nkv = k.shape[2], k.shape[1]
+    if cap is not None:  # SDPA has no soft-capping: the attention written out
+        return capped(q, k, v, visible(Tq, Tk, window, real, q.device), scale, cap)
     if Tq == 1:  # generation's step: each row's new token sees every cached key (that is real, within the window)
         mask = None if real is None else real[:, None, None, :]  # (B, 1, 1, Tk)
         if window is not None and Tk > window:
             recent = torch.arange(Tk, device=q.device)[None] >= Tk - window  # (1, Tk)
             mask = recent if mask is None else mask & recent
         # GQA with no copies of k, v: each k/v head's nh / nkv query heads as one block of queries.
-        y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hs), k, v, attn_mask=mask, scale=scale)
         return y.reshape(B, nh, 1, hs)
     gqa = nkv != nh
     if real is None and (window is None or Tk <= window) and Tq == Tk:
         # the training case: plain causal attention, GQA without copying k, v
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    i = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]  # the queries' positions among the keys
-    j = torch.arange(Tk, device=q.device)[None, :]
-    mask = (j <= i) & ((i - j < window) if window is not None else True)  # (Tq, Tk)
-    if real is not None:  # (B, 1, Tq, Tk): no key that is padding; a pad query sees itself (no empty softmax row)
-        mask = mask & (real[:, None, None, :] | (i == j))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, scale=scale)
     if gqa:  # with a mask, CUDA runs GQA only in its slow math kernel: copy k, v per query head
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(Tq, Tk, window, real, q.device), scale=scale)
+
+
+def visible(Tq, Tk, window, real, device):
+    """Which keys each query sees, (Tq, Tk) or (B, 1, Tq, Tk) bool: the queries are the last Tq of the Tk
+    positions; no key after its query, none at distance >= window, none that is padding (real)."""
+    i = torch.arange(Tk - Tq, Tk, device=device)[:, None]  # the queries' positions among the keys
+    j = torch.arange(Tk, device=device)[None, :]
+    mask = (j <= i) & ((i - j < window) if window is not None else True)  # (Tq, Tk)
+    if real is not None:  # (B, 1, Tq, Tk): no key that is padding; a pad query sees itself (no empty softmax row)
+        mask = mask & (real[:, None, None, :] | (i == j))
+    return mask
+
+
+def capped(q, k, v, mask, scale, cap):
+    """Attention with its logits soft-capped, c tanh(q k^T scale / c), before the mask (Gemma 2, as
+    transformers' eager attention): q (B, nh, Tq, hs), k, v (B, nkv, Tk, hs), mask (.., Tq, Tk) bool."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, nh, Tk, hs)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = softcap(q @ k.transpose(-2, -1) * (scale or q.shape[-1] ** -0.5), cap)  # (B, nh, Tq, Tk)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def softcap(x, cap):
+    """cap tanh(x / cap): x squashed smoothly into (-cap, cap) (Gemma 2); x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 class Cache:
@@ -202,16 +234,20 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate(x, cos, sin):
+    """x (B, n, T, hs) rotated by cos, sin (.., T, r) in the rotate-half layout; with r < hs (partial
+    rotary, Phi-4-mini) only the first r dimensions of each head turn and the rest pass through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    return torch.cat((x[..., :r] * cos + rotate_half(x[..., :r]) * sin, x[..., r:]), dim=-1)
+
+
 def rotate_pairs(x):
     """Rotary embedding, the interleaved layout (GPT-J, ChatGLM, GLM-4): dimension 2i pairs with 2i + 1,
     so cos and sin repeat each angle twice in a row: (a0 a0 a1 a1 ...)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
-
-
-def inv_frequencies(dim, base, device):
-    """base^(-2i/dim) for i < dim/2: the angle per position of each rotated pair (RoFormer, sec. 3.4)."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2, device=device).float() / dim))
 
 
 def positive_ints(hf: dict, keys, where: str):

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotune import UserError
-from nanotune.models.base import CausalLM, RMSNorm, inv_frequencies, positive_ints, rotate_pairs
+from nanotune.models.base import CausalLM, RMSNorm, positive_ints, rotate_pairs
+from nanotune.models.rope import read_rope, rotary_tables
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Config:
     rms_norm_eps: float = 1.5625e-07
     rope_theta: float = 10000.0
     partial_rotary_factor: float = 0.5  # the rotated share of each head's dimensions
+    rope_scaling: dict = None  # glm only: {"rope_type", its parameters} (nanotune.models.rope); None: default
     attention_bias: bool = True  # on the q, k, v projections (THUDM's add_qkv_bias)
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 131072
@@ -117,9 +119,7 @@ class GlmConfig(Config):
     def from_hf(cls, hf: dict, where: str) -> "GlmConfig":
         if hf.get("hidden_act", "silu") != "silu":
             raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported, only 'silu'")
-        rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 spelling
-        if rope.get("rope_type", "default") != "default":
-            raise UserError(f"{where}: rope_type {rope['rope_type']!r} is not supported, only 'default'")
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})  # transformers 4, 5 spellings
         positive_ints(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size"), where)
         head_dim = hf.get("head_dim", 128)
@@ -129,18 +129,20 @@ class GlmConfig(Config):
         known = {k: hf[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                     "intermediate_size", "rms_norm_eps", "attention_bias", "tie_word_embeddings",
                                     "max_position_embeddings") if k in hf}
-        return cls(**known, **sizes,
-                   rope_theta=rope.get("rope_theta", hf.get("rope_theta", cls.rope_theta)),
-                   partial_rotary_factor=rope.get("partial_rotary_factor",
-                                                  hf.get("partial_rotary_factor", cls.partial_rotary_factor)),
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", cls.partial_rotary_factor))
+        scaling = read_rope(hf, where, int(sizes["head_dim"] * partial), rope=rope,
+                            theta=hf.get("rope_theta") or cls.rope_theta)
+        return cls(**known, **sizes, rope_theta=scaling.pop("rope_theta"), partial_rotary_factor=partial,
+                   rope_scaling=scaling if scaling["rope_type"] != "default" else None,
                    source=dict(hf)).check(where, "num_key_value_heads", "head_dim")
 
     def to_hf(self) -> dict:
         """Both rotary spellings, so transformers 4 and 5 read it."""
-        rope = {**(self.source.get("rope_parameters") or {}), "rope_type": "default", "rope_theta": self.rope_theta,
-                "partial_rotary_factor": self.partial_rotary_factor}
+        rope = {**(self.source.get("rope_parameters") or {}), "rope_type": "default", **(self.rope_scaling or {}),
+                "rope_theta": self.rope_theta, "partial_rotary_factor": self.partial_rotary_factor}
         return {"architectures": ["GlmForCausalLM"], **self.source, "model_type": "glm", "hidden_act": "silu",
-                **{k: getattr(self, k) for k in Config.__dataclass_fields__ if k != "source"}, "rope_parameters": rope}
+                **{k: getattr(self, k) for k in Config.__dataclass_fields__ if k not in ("source", "rope_scaling")},
+                "rope_parameters": rope}  # (a rope_scaling the folder had stays, in source)
 
 
 def swiglu(x):
@@ -257,10 +259,10 @@ class GLMFamily(CausalLM):
     def rotary(self, positions, dtype):
         """cos, sin of shape (B, T, r) for positions (B, T), r = head_dim * partial_rotary_factor, in fp32
         like THUDM's and transformers' code, then cast. Pair (2i, 2i+1) turns by position * theta^(-2i/r)."""
-        r = int(self.config.head_dim * self.config.partial_rotary_factor)
-        freqs = positions[..., None].float() * inv_frequencies(r, self.config.rope_theta, positions.device)
-        emb = freqs.repeat_interleave(2, dim=-1)  # (B, T, r): (a0 a0 a1 a1 ...), for rotate_pairs
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        config = self.config
+        rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}  # glm only
+        return rotary_tables(rope, int(config.head_dim * config.partial_rotary_factor), config.max_position_embeddings,
+                             positions, dtype, interleaved=True)  # (B, T, r): (a0 a0 a1 a1 ...), for rotate_pairs
 
 
 class ChatGLM(GLMFamily):

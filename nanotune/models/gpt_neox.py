@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotune import UserError
-from nanotune.models.base import CausalLM, inv_frequencies, positive_ints, rotate_half
+from nanotune.models.base import CausalLM, positive_ints, rotate_half
+from nanotune.models.rope import read_rope, rotary_tables
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Config:
     intermediate_size: int = 2048
     rotary_pct: float = 0.25
     rotary_emb_base: float = 10000.0
+    rope_scaling: dict = None  # {"rope_type", its parameters} (nanotune.models.rope); None: default
     max_position_embeddings: int = 2048
     layer_norm_eps: float = 1e-5
     use_parallel_residual: bool = True
@@ -36,16 +38,16 @@ class Config:
         """Read a transformers config.json dict, accepting both the old and the new rotary spelling."""
         if hf.get("hidden_act", "gelu") != "gelu":
             raise UserError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported, only 'gelu'")
-        rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 spelling
-        if rope.get("rope_type", "default") != "default":
-            raise UserError(f"{where}: rope_type {rope['rope_type']!r} is not supported, only 'default'")
-        known = {k: hf[k] for k in cls.__dataclass_fields__ if k in hf}
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})  # transformers 4, 5 spellings
+        known = {k: hf[k] for k in cls.__dataclass_fields__ if k in hf and k != "rope_scaling"}
         known["rotary_pct"] = rope.get("partial_rotary_factor",
                                        hf.get("partial_rotary_factor", hf.get("rotary_pct", cls.rotary_pct)))
-        known["rotary_emb_base"] = rope.get("rope_theta",
-                                            hf.get("rope_theta", hf.get("rotary_emb_base", cls.rotary_emb_base)))
         positive_ints(hf, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size"), where)
+        scaling = read_rope(hf, where, int(hf["hidden_size"] // hf["num_attention_heads"] * known["rotary_pct"]),
+                            rope=rope, theta=hf.get("rope_theta", hf.get("rotary_emb_base", cls.rotary_emb_base)))
+        known["rotary_emb_base"] = scaling.pop("rope_theta")
+        known["rope_scaling"] = scaling if scaling["rope_type"] != "default" else None
         config = cls(**known)
         if config.hidden_size % config.num_attention_heads:
             raise UserError(f"{where}: hidden_size {config.hidden_size} is not divisible by "
@@ -58,8 +60,11 @@ class Config:
 
     def to_hf(self) -> dict:
         """The config.json transformers expects (both rotary spellings, so old and new versions read it)."""
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rotary_emb_base,
+                "partial_rotary_factor": self.rotary_pct}
         return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_act": "gelu",
-                **asdict(self), "partial_rotary_factor": self.rotary_pct, "rope_theta": self.rotary_emb_base}
+                **asdict(self), "partial_rotary_factor": self.rotary_pct, "rope_theta": self.rotary_emb_base,
+                "rope_parameters": rope}
 
 
 class Attention(nn.Module):
@@ -145,10 +150,10 @@ class GPTNeoX(CausalLM):
 
     def rotary(self, positions, dtype):
         """cos, sin of shape (B, T, rotary_ndims) for positions (B, T), in fp32 like transformers, then cast."""
-        dim = int(self.config.head_dim * self.config.rotary_pct)
-        freqs = positions[..., None].float() * inv_frequencies(dim, self.config.rotary_emb_base, positions.device)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim): pair (i, i + dim/2) shares an angle
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        config = self.config
+        rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rotary_emb_base}
+        return rotary_tables(rope, int(config.head_dim * config.rotary_pct), config.max_position_embeddings,
+                             positions, dtype)  # pair (i, i + dim/2) shares an angle
 
 
 MODEL_TYPES = {"gpt_neox": GPTNeoX}

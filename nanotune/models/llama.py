@@ -5,21 +5,17 @@ Each config.json model_type keeps its own Hugging Face checkpoint layout (`model
 transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM. Shapes: B batch,
 T time, C hidden size, nh query heads, nkv key/value heads, hs head size (not always C / nh), V vocabulary.
 """
-import math
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotune import UserError
-from nanotune.models.base import CausalLM, RMSNorm, inv_frequencies, positive_ints, rotate_half
+from nanotune.models.base import CausalLM, RMSNorm, positive_ints, rotate
+from nanotune.models.rope import REQUIRED as ROPE_TYPES, read_rope, rotary_tables
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
-# The rotary scalings we implement, and the parameters each needs besides rope_theta.
-ROPE_TYPES = {"default": (), "linear": ("factor",),
-              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -41,7 +37,7 @@ class Config:
     head_dim: int = None  # None: C / nh
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict = None  # {"rope_type": "linear" or "llama3", ...ROPE_TYPES' parameters}; None: default
+    rope_scaling: dict = None  # {"rope_type": ..., its parameters}: nanotune.models.rope; None: default
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False  # Llama 3.2 1B/3B, small Qwens
     attention_bias: bool = False  # a bias on q, k, v and o (llama, qwen3); qwen2 always biases q, k, v only
@@ -66,7 +62,8 @@ class Config:
                             f"{model_type}; set it to false, as Qwen's released checkpoints have it")
         positive_ints(hf, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads"), where)
-        optional = ("num_key_value_heads", "head_dim") + (("sliding_window",) if model_type == "mistral" else ())
+        optional = ("num_key_value_heads", "head_dim") + (("sliding_window",) if model_type in ("mistral", "phi3")
+                                                          else ())
         positive_ints(hf, [key for key in optional if hf.get(key) is not None], where)
         known = {k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                     "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
@@ -81,47 +78,41 @@ class Config:
             known["sliding_window"] = hf.get("sliding_window", 4096)  # MistralConfig's default when absent
         if model_type == "qwen3":
             known.setdefault("head_dim", 128)  # Qwen3Config's default, not C / nh
+        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+        if model_type == "phi3":  # Phi3Config: its own original context, and a rotated share of each head
+            known["sliding_window"] = hf.get("sliding_window")
+            known["original_max_position_embeddings"] = hf.get("original_max_position_embeddings", 4096)
+            known["partial_rotary_factor"] = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+            if rope.get("rope_type", rope.get("type")) in ("su", "yarn"):  # its older names for longrope
+                rope["rope_type"] = "longrope"
         if "head_dim" not in known and hf["hidden_size"] % hf["num_attention_heads"]:
             raise UserError(f"{where}: hidden_size {hf['hidden_size']} is not divisible by num_attention_heads "
                             f"{hf['num_attention_heads']}, and no head_dim is given")
         if hf["num_attention_heads"] % known.get("num_key_value_heads", hf["num_attention_heads"]):
             raise UserError(f"{where}: num_attention_heads {hf['num_attention_heads']} is not a multiple of "
                             f"num_key_value_heads {hf['num_key_value_heads']}")
-        # Rotary settings: rope_scaling (transformers 4) wins over rope_parameters (5), as in transformers 5.
-        rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ROPE_TYPES:
-            raise UserError(f"{where}: rope type {rope_type!r} is not supported, only "
-                            f"{', '.join(map(repr, ROPE_TYPES))}")
-        for key in ROPE_TYPES[rope_type]:
-            if not isinstance(rope.get(key), (int, float)) or rope[key] <= 0:
-                raise UserError(f"{where}: {rope_type} rope scaling needs a positive number {key}, got "
-                                f"{rope.get(key)!r}")
-        known["rope_theta"] = rope.get("rope_theta") or hf.get("rope_theta") or cls.rope_theta
-        if rope_type != "default":
-            known["rope_scaling"] = {"rope_type": rope_type, **{k: rope[k] for k in ROPE_TYPES[rope_type]}}
+        head_dim = known.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        rope = read_rope(hf, where, int(head_dim * known.get("partial_rotary_factor", 1.0)), rope=rope,
+                         types=("default", "longrope") if model_type == "phi3" else ROPE_TYPES,
+                         theta=hf.get("rope_theta") or cls.rope_theta,
+                         original=known.get("original_max_position_embeddings"))
+        known["rope_theta"] = rope.pop("rope_theta")
+        if rope["rope_type"] != "default":
+            known["rope_scaling"] = rope
         config = cls(model_type=model_type, **known)
         if config.head_dim % 2:
             raise UserError(f"{where}: head_dim {config.head_dim} must be even, since rotary embeddings rotate pairs")
         return config
 
+    def architecture(self) -> str:
+        """The transformers class of this model_type."""
+        return ARCHITECTURES[self.model_type]
+
     def to_hf(self) -> dict:
         """The config.json transformers expects, with both rotary spellings so versions 4 and 5 read it."""
         rope_parameters = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        return {"architectures": [ARCHITECTURES[self.model_type]], "hidden_act": "silu", **asdict(self),
+        return {"architectures": [self.architecture()], "hidden_act": "silu", **asdict(self),
                 "rope_parameters": rope_parameters}
-
-
-def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
-    """Llama 3.1's long-context rotary (Meta's reference, apply_scaling): pairs whose wavelength is
-    longer than the original context / low_freq_factor turn factor times slower, pairs shorter than
-    context / high_freq_factor are kept, and the band between blends the two smoothly."""
-    wavelength = 2 * math.pi / inv_freq
-    smooth = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return torch.where(wavelength < original_max_position_embeddings / high_freq_factor, inv_freq,
-                       torch.where(wavelength > original_max_position_embeddings / low_freq_factor,
-                                   inv_freq / factor, blended))
 
 
 class Attention(nn.Module):
@@ -149,8 +140,7 @@ class Attention(nn.Module):
         if self.qk_norm:  # over each head's hs, before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs) x2
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = ctx.attend(self, q, k, v, window=self.sliding_window)  # (B, nh, T, hs); query head i reads
         # k/v head i // (nh / nkv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
@@ -168,12 +158,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, attention=Attention, mlp=MLP):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = mlp(config)
 
     def forward(self, x, ctx):
         x = x + self.self_attn(self.input_layernorm(x), ctx)  # pre-norm residual blocks
@@ -183,10 +173,10 @@ class Block(nn.Module):
 class Trunk(nn.Module):
     """The `model.` part of the checkpoint: embeddings, blocks, final norm."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, attention=Attention, mlp=MLP):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, attention, mlp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -195,10 +185,11 @@ class Llama(CausalLM):
     blocks_path, head_path, embed_path = "model.layers", "lm_head", "model.embed_tokens"
     lora_targets = ("q_proj", "v_proj")
     ignored_keys = ("rotary_emb.inv_freq",)  # older transformers saved the frequencies with the weights
+    attention_class, mlp_class = Attention, MLP
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.model = Trunk(config)
+        self.model = Trunk(config, self.attention_class, self.mlp_class)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -209,17 +200,11 @@ class Llama(CausalLM):
         return self.model.norm(x)
 
     def rotary(self, positions, dtype):
-        """cos, sin of shape (T, hs), computed in fp32 like transformers, then cast."""
-        inv_freq = inv_frequencies(self.config.head_dim, self.config.rope_theta, positions.device)  # (hs/2,)
-        scaling = dict(self.config.rope_scaling or {"rope_type": "default"})
-        rope_type = scaling.pop("rope_type")
-        if rope_type == "linear":  # positions divided by factor (Chen et al. 2023, position interpolation)
-            inv_freq = inv_freq / scaling["factor"]
-        elif rope_type == "llama3":
-            inv_freq = llama3_frequencies(inv_freq, **scaling)
-        freqs = positions[..., None].float() * inv_freq  # (B, T, hs/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs): pair (i, i + hs/2) shares an angle
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin of shape (B or 1, T, r), r the rotated dimensions of a head (nanotune.models.rope)."""
+        config = self.config
+        rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rope_theta}
+        dim = int(config.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        return rotary_tables(rope, dim, config.max_position_embeddings, positions, dtype)
 
 
 MODEL_TYPES = {model_type: Llama for model_type in ARCHITECTURES}
