@@ -92,3 +92,70 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None,
                 (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None)
+
+
+def token_logprobs(h, labels, head, chunk=256):
+    """log p(label) of every position (B, T) fp32, 0 where the label is IGNORE: the piece every objective
+    builds on (SFT's loss is minus its sum; DPO, SimPO and ORPO sum or average it per row; a policy
+    gradient weighs it per token). Like summed_cross_entropy, no (N, V) logits are kept for the backward."""
+    keep = labels != IGNORE
+    x, targets = h[keep], labels[keep]  # (N, C), (N,)
+    if type(head) is nn.Linear and head.bias is None:
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
+            else head.weight.dtype
+        logps = LinearLogProbs.apply(x.to(dtype), head.weight.to(dtype), targets, chunk)
+    else:  # a LoRA-adapted head: plain autograd, a chunk of logits at a time
+        logps = torch.cat([-F.cross_entropy(head(x[i:i + chunk]).float(), targets[i:i + chunk], reduction="none")
+                           for i in range(0, x.shape[0], chunk)] or [x.new_zeros(0, dtype=torch.float32)])
+    return torch.zeros(labels.shape, dtype=torch.float32, device=h.device).masked_scatter(keep, logps)
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """log softmax(h_i @ W^T)[target_i] per row i: (N,) fp32, the upstream gradient is per row.
+
+    d logp_i / d h_i = (one_hot(target_i) - softmax_i) @ W depends on row i alone, so the forward forms
+    it at once, as LinearCrossEntropy does, and the backward only scales each row by its upstream
+    gradient: (N, C) kept, no logits. The head's own gradient sum_i g_i (one_hot - softmax_i)^T h_i needs
+    the g_i, known only in the backward: when the head trains (full fine-tunes), the backward computes
+    the logits again, a chunk at a time (one more (N, C) x (C, V) matmul than LinearCrossEntropy)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        N, V = h.shape[0], weight.shape[0]
+        need_h = ctx.needs_input_grad[0]
+        logps = torch.empty(N, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, N, chunk):
+                z = h[i:i + chunk] @ weight.t()  # (n, V) compute dtype
+                p, logps[i:i + chunk] = softmax_and_logp(z, targets[i:i + chunk])
+                if need_h:
+                    torch.matmul(p.to(h.dtype), weight, out=grad_h[i:i + chunk])  # (one_hot - softmax) @ W
+        ctx.chunk = chunk
+        ctx.save_for_backward(grad_h, h if ctx.needs_input_grad[1] else None, weight, targets)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        grad_h, h, weight, targets = ctx.saved_tensors
+        g = grad_logps[:, None]  # (N, 1) fp32
+        out_h = (grad_h * g.to(grad_h.dtype)) if grad_h is not None else None
+        out_w = None
+        if h is not None:
+            out_w = torch.zeros_like(weight, dtype=torch.float32)
+            with torch.autocast(h.device.type, enabled=False):
+                for i in range(0, h.shape[0], ctx.chunk):
+                    x = h[i:i + ctx.chunk]
+                    p, _ = softmax_and_logp(x @ weight.t(), targets[i:i + ctx.chunk])
+                    out_w.addmm_((p * g[i:i + ctx.chunk]).t(), x.float())  # sum_i g_i (one_hot - softmax_i)^T h_i
+            out_w = out_w.to(weight.dtype)
+        return out_h, out_w, None, None
+
+
+def softmax_and_logp(z, targets):
+    """For logits z (n, V): one_hot(target) - softmax(z) (n, V) fp32, and log softmax(z)[target] (n,)."""
+    logp = torch.log_softmax(z.float(), dim=1)  # (n, V)
+    picked = logp.gather(1, targets[:, None])[:, 0]
+    p = logp.exp_().neg_()
+    p.scatter_add_(1, targets[:, None], p.new_ones(targets.shape[0], 1))
+    return p, picked
