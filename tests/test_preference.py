@@ -300,3 +300,13 @@ def test_two_processes_equal_one_with_accumulation(tiny_model_dir, pairs_file, t
     assert mine.keys() == ref.keys() and all(v.numel() > 0 for v in mine.values())
     for key in ref:
         torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("buffer", [False, True])
+def test_one_hot_minus_softmax_in_fp32_with_and_without_a_buffer(buffer):
+    """A GPU works on the fp32 logits in place (no buffer): the target's log-prob is read before."""
+    from nanotune.loss import one_hot_minus_softmax
+    z, t = torch.randn(5, 11), torch.randint(0, 11, (5,))
+    p, logp = one_hot_minus_softmax(z.clone(), t, torch.empty(5, 11) if buffer else None)
+    torch.testing.assert_close(logp, F.log_softmax(z, 1).gather(1, t[:, None])[:, 0])
+    torch.testing.assert_close(p, F.one_hot(t, 11) - F.softmax(z, 1))
