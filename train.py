@@ -31,6 +31,8 @@ from nanotune.generate import generate
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, load_weights, parse_size, save_pretrained
+from nanotune.objectives import NAMES as OBJECTIVES, WITH_REFERENCE, FIGURES, check_objective_flags, objective
+from nanotune.pairs import PairBatches, Pairs, attach_reference, evaluate_pairs, load_reference, save_reference
 from nanotune.plot import report
 from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, load_dtype, resolve
 from nanotune.quantize import quant_bits, quantize
@@ -69,6 +71,13 @@ def parse_args(argv=None):
       "only to itself: no padding (for data of rows of varied length)")
     a("--data-cache", help="folder of tokenized stores, reused by runs with the same data, tokenizer and data "
       "flags (None: OUT/data-cache)")
+    a = p.add_argument_group("objective (README: preference training)").add_argument
+    a("--objective", default="sft", choices=OBJECTIVES, help="sft: next-token loss on the answers of --data; "
+      "dpo, ipo, simpo, orpo: preference pairs in --data (chosen and rejected answers)")
+    a("--beta", type=float, help="strength of the preference term (None: 0.1 for dpo, ipo, orpo as TRL; "
+      "2.0 for simpo as its paper)")
+    a("--label-smoothing", type=float, default=0.0, help="dpo: the assumed share of flipped labels (cDPO), in [0, 0.5)")
+    a("--simpo-gamma", type=float, help="simpo: the target reward margin gamma (None: 0.5, as TRL)")
     a = p.add_argument_group("LoRA").add_argument
     a("--lora", action=argparse.BooleanOptionalAction, default=True, help="LoRA; --no-lora fine-tunes every weight")
     a("--lora-r", type=int, default=8, help="rank r of the update B A")
@@ -143,6 +152,7 @@ def parse_args(argv=None):
 
 def main(args):
     check_args(args)
+    check_objective_flags(args)
     world = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload)
     try:
         with StopSignals() as stop:  # SIGTERM / SIGUSR1: checkpoint the current step, exit PREEMPTED
@@ -193,15 +203,32 @@ def train(args, world, stop):
     # Data: tokenized once into a memory-mapped store, then read in a seeded order that is a pure
     # function of the step: rows, or with --packing sequences of --max-seq-len tokens packed with rows.
     train_rows, val = load_data(args, template)
-    print0(f"the first row as the model sees it, {'trained tokens in [[brackets]]'} (template {args.template}):\n"
-           + show(train_rows[0], tokenizer, color=False))
-    batches = Batches(train_rows, args.batch_size, args.grad_accum, world.size, world.rank, args.seed,
-                      tokenizer.pad_id, seq_len=args.max_seq_len if args.packing else None)
+    pairs = args.objective != "sft"  # a unit of data is then a pair, chosen and rejected rows (nanotune.pairs)
+    first = train_rows[0] if pairs else [train_rows[0]]
+    print0(f"the first {'pair' if pairs else 'row'} as the model sees it, {'trained tokens in [[brackets]]'} "
+           f"(template {args.template}):\n" + "\n".join(show(ex, tokenizer, color=False) for ex in first))
+    batches = (PairBatches if pairs else Batches)(train_rows, args.batch_size, args.grad_accum, world.size, world.rank,
+                                                  args.seed, tokenizer.pad_id, seq_len=args.max_seq_len if args.packing else None)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
-    unit = f"sequences of {args.max_seq_len} tokens (packed from {len(train_rows)} rows)" if args.packing else "rows"
-    print0(f"training: {len(train_rows)} rows, {len(val)} held out; global batch {batches.global_batch} {unit} "
+    unit = f"sequences of {args.max_seq_len} tokens (packed from {len(train_rows)} rows)" if args.packing else \
+        "pairs" if pairs else "rows"
+    print0(f"training: {len(train_rows)} {'pairs' if pairs else 'rows'}, {len(val)} held out; global batch {batches.global_batch} {unit} "
            f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {world.size} process(es); "
            f"{total} steps")
+
+    # The reference of dpo and ipo: the starting model's log-probs of every pair, kept with the pairs.
+    if args.objective in WITH_REFERENCE:
+        reference_file = os.path.join(args.out, "reference.safetensors")
+        if checkpoint:  # the model has moved on since step 1: read what the run computed then
+            load_reference(reference_file, train_rows, val)
+        else:
+            clock = time.time()
+            for rows in (train_rows, val) if val else (train_rows,):
+                attach_reference(wrapped, rows, args.batch_size, tokenizer.pad_id, world, precision)
+            if world.is_main:
+                save_reference(reference_file, train_rows, val)
+            print0(f"reference log-probs of {len(train_rows) + len(val)} pairs computed in {time.time() - clock:.1f}s")
+    step_objective = objective(args)
 
     # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
     start_step = restore(checkpoint, wrapped, world, named_trainable, optimizer, scaler) if checkpoint else 0
@@ -221,14 +248,17 @@ def train(args, world, stop):
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro, n_tokens = batches.step(step)
-        step_loss = 0.0
+        step_loss, step_figures = 0.0, dict.fromkeys(FIGURES if pairs else (), 0.0)
         for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, documents)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
             # Dividing by the global batch's token count (times the world size, since DDP and FSDP
             # average gradients over ranks) makes the gradient the mean over every trained token of
             # the step, however rows are split over micro-batches and ranks.
             with precision.context(world.device):
-                loss = wrapped(*(t.to(world.device) for t in batch)) * (world.size / n_tokens)
+                loss, figures = step_objective(wrapped, [t.to(world.device) for t in batch], n_tokens, batches.global_batch)
+                loss = loss * world.size
+            for key, value in figures.items():
+                step_figures[key] += value
             if world.strategy == "deepspeed":  # our loss is already scaled for accumulation; step() on every
                 wrapped.backward(loss, scale_wrt_gas=False)  # micro-batch, the engine updates on the last
                 wrapped.step()
@@ -237,8 +267,10 @@ def train(args, world, stop):
             step_loss += loss.item() / world.size
             tokens_seen += batch[0].numel() * world.size  # computed positions, padding included
         trained_seen += n_tokens
-        # The stop request rides on the loss's sum: any rank signalled, every rank stops after this step.
-        step_loss, stopping = all_reduce_sum([step_loss, float(stop.received is not None)])
+        # The stop request rides on the step's sums: any rank signalled, every rank stops after this step.
+        step_loss, stopping, *figures = all_reduce_sum([step_loss, float(stop.received is not None),
+                                                        *step_figures.values()])
+        step_figures = dict(zip(step_figures, figures))
         if not math.isfinite(step_loss):
             last_good = find_checkpoint(args.out, "latest")
             raise UserError(f"the training loss is {step_loss} at step {step + 1}; stopping. Last good checkpoint: "
@@ -258,8 +290,9 @@ def train(args, world, stop):
             metrics.log(f"step {done}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                         f"{tokens_seen / elapsed:.0f} tok/s, {trained_seen / elapsed:.0f} trained tok/s "
                         f"({trained_seen / tokens_seen:.0%} of computed) | {elapsed:.0f}s elapsed, "
-                        f"ETA {elapsed / (done - start_step) * (total - done):.0f}s",
-                        step=done, loss=step_loss, lr=lr, tokens_per_s=tokens_seen / elapsed,
+                        f"ETA {elapsed / (done - start_step) * (total - done):.0f}s"
+                        + "".join(f" | {key} {value:.4f}" for key, value in step_figures.items()),
+                        step=done, loss=step_loss, **step_figures, lr=lr, tokens_per_s=tokens_seen / elapsed,
                         grad_norm=grad_norm if math.isfinite(grad_norm) else None,  # JSON has no inf or nan
                         trained_tokens_per_s=trained_seen / elapsed, padding_efficiency=trained_seen / tokens_seen)
         if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
@@ -368,10 +401,12 @@ def wrap(model, args, world, precision, checkpoint):
 
 def load_data(args, template):
     """(training rows, held-out rows), views of tokenized stores (nanotune.store): --val-data, or a seeded
-    --val-fraction of --data."""
+    --val-fraction of --data. Under a preference objective the rows are pairs (nanotune.pairs)."""
     def load(path):
-        return load_store(path, template, args.model, args.data_cache or os.path.join(args.out, "data-cache"),
-                          args.max_seq_len, args.train_on_prompt, args.mask_history, log=print0)
+        store = load_store(path, template, args.model, args.data_cache or os.path.join(args.out, "data-cache"),
+                           args.max_seq_len, args.train_on_prompt, args.mask_history, log=print0,
+                           pairs=args.objective != "sft")
+        return store if args.objective == "sft" else Pairs(store)
     examples = load(args.data)
     if args.val_data:
         return examples, load(args.val_data)
@@ -409,7 +444,12 @@ def optimizer_step(optimizer, scaler, params, max_grad_norm, step):
 def report_eval(model, val, scored, step, when, args, template, world, precision, metrics):
     """Log the held-out loss (if `val`) and the exact-match score (if `scored`) at `step`, with the blocks
     eager under --compile: a no-grad forward, and generation at each cached length, would compile again."""
-    if val:
+    if val and args.objective != "sft":
+        figures = evaluate_pairs(model, val, objective(args), args.batch_size, template.tokenizer.pad_id, world,
+                                 precision)
+        metrics.log(f"{when}: " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()), step=step,
+                    **figures)
+    elif val:
         val_loss = evaluate(model, val, args.batch_size, template.tokenizer.pad_id, world, precision)
         metrics.log(f"{when}: eval loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}",
                     step=step, eval_loss=val_loss, perplexity=math.exp(min(val_loss, 50)))

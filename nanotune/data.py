@@ -4,6 +4,10 @@ Row formats (.json array or .jsonl, one object per line):
   Alpaca    {"instruction", "input", "output", optional "system"}
   ShareGPT  {"conversations": [{"from": "human"|"gpt"|..., "value": ...}, ...], optional "system"}
   plain     {"text"}
+Preference pairs (--objective dpo, ipo, simpo, orpo; see pair_turns):
+  TRL       {"prompt", "chosen", "rejected"}: strings, or messages [{"role", "content"}, ...]
+  Alpaca    {"instruction", "input", "chosen", "rejected"} (LLaMA-Factory)
+  ShareGPT  {"conversations", "chosen": {"from": "gpt", "value"}, "rejected": {...}} (LLaMA-Factory)
 A chat row becomes (system, [(role, text), ...]) and is rendered by a template (nanotune.templates:
 the model folder's own by default), which also says which tokens the loss sees: by default each
 answer and the token that ends it. A plain row is trained on every token.
@@ -115,24 +119,15 @@ def turns(row, where: str):
     """A row -> (system, [(role, text), ...]) with role 'user' or 'assistant', or (None, None) for plain text."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: each row must be a JSON object, not {type(row).__name__}")
+    if "chosen" in row or "rejected" in row:
+        raise UserError(f"{where}: a preference pair (chosen/rejected) cannot train --objective sft; pass "
+                        "--objective dpo, ipo, simpo or orpo, or give rows with an answer ('output' or 'conversations')")
     system = field(row, "system", where, required=False) or None
     if "conversations" in row:
         conv = row["conversations"]
         if not isinstance(conv, list) or not conv:
             raise UserError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
-        out = []
-        for j, msg in enumerate(conv):
-            at = f"{where} conversations[{j}]"
-            if not isinstance(msg, dict):
-                raise UserError(f"{at}: each message must be an object with 'from' and 'value'")
-            role, text = field(msg, "from", at), field(msg, "value", at)
-            if role == "system":
-                system = text
-            elif role in USER_ROLES or role in ASSISTANT_ROLES:
-                out.append((USER_ROLES.get(role) or ASSISTANT_ROLES[role], text))
-            else:
-                raise UserError(f"{at}: unknown role {role!r}; use one of "
-                                f"{', '.join(['system', *USER_ROLES, *ASSISTANT_ROLES])}")
+        system, out = messages(conv, system, f"{where} conversations")
         if not any(role == "assistant" for role, _ in out):
             raise UserError(f"{where}: the conversation has no assistant ('gpt') turn to learn from")
         return system, out
@@ -143,6 +138,76 @@ def turns(row, where: str):
         return None, [("text", field(row, "text", where))]
     raise UserError(f"{where}: a row needs 'instruction' and 'output' (Alpaca), 'conversations' (ShareGPT) "
                     f"or 'text'; found keys {sorted(row)}")
+
+
+def messages(conv, system, where, role_key="from", text_key="value"):
+    """ShareGPT {from, value} (or TRL's {role, content}) messages -> (system, [(role, text), ...])."""
+    out = []
+    for j, msg in enumerate(conv):
+        at = f"{where}[{j}]"
+        if not isinstance(msg, dict):
+            raise UserError(f"{at}: each message must be an object with {role_key!r} and {text_key!r}")
+        role, text = field(msg, role_key, at), field(msg, text_key, at)
+        if role == "system":
+            system = text
+        elif role in USER_ROLES or role in ASSISTANT_ROLES:
+            out.append((USER_ROLES.get(role) or ASSISTANT_ROLES[role], text))
+        else:
+            raise UserError(f"{at}: unknown role {role!r}; use one of "
+                            f"{', '.join(['system', *USER_ROLES, *ASSISTANT_ROLES])}")
+    return system, out
+
+
+def pair_turns(row, where: str):
+    """A preference row -> two (system, dialogue, where): the conversation ending in the chosen answer, then
+    in the rejected one. Each is exactly the SFT row of that conversation; the pair trains on the final
+    answer alone (encode with mask_history: earlier assistant turns of the prompt are context)."""
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: each row must be a JSON object, not {type(row).__name__}")
+    if "chosen" not in row or "rejected" not in row:
+        missing = "'chosen'" if "chosen" not in row else "'rejected'"
+        raise UserError(f"{where}: a preference pair needs 'chosen' and 'rejected', and {missing} is missing"
+                        + ("; this is an SFT row, which trains with --objective sft" if "chosen" not in row and
+                           "rejected" not in row else ""))
+    system = field(row, "system", where, required=False) or None
+    if "prompt" in row:  # TRL: strings (the prompt is one user turn) or lists of {role, content} messages
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            system, prompt = messages(prompt, system, f"{where} prompt", "role", "content")
+        else:
+            prompt = [("user", field(row, "prompt", where))]
+    elif "conversations" in row:  # LLaMA-Factory's ShareGPT pairs
+        conv = row["conversations"]
+        if not isinstance(conv, list) or not conv:
+            raise UserError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
+        system, prompt = messages(conv, system, f"{where} conversations")
+    elif "instruction" in row:  # LLaMA-Factory's Alpaca pairs
+        prompt = [("user", alpaca_user(field(row, "instruction", where), field(row, "input", where, required=False)))]
+    else:
+        raise UserError(f"{where}: a preference pair needs its prompt as 'prompt' (TRL), 'instruction' or "
+                        f"'conversations' (LLaMA-Factory); found keys {sorted(row)}")
+    if not prompt or prompt[-1][0] != "user":
+        raise UserError(f"{where}: the prompt must end with a user turn, which the chosen and rejected answers answer")
+    return [(system, prompt + [("assistant", completion(row[key], f"{where} {key}"))], where)
+            for key in ("chosen", "rejected")]
+
+
+def completion(value, where):
+    """The answer text of a pair's 'chosen' or 'rejected': a string, one {from, value} / {role, content}
+    assistant message, or a list holding that one message."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        keys = ("role", "content") if "role" in value else ("from", "value")
+        _, turns = messages([value], None, where, *keys)
+        if not turns or turns[0][0] != "assistant":
+            raise UserError(f"{where}: the completion must be an assistant message, not {value.get(keys[0])!r}")
+        value = turns[0][1]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: the completion must be a string or one assistant message, not {type(value).__name__}")
+    if not value.strip():
+        raise UserError(f"{where}: the completion is empty; remove the pair or give it an answer")
+    return value
 
 
 @dataclass
@@ -184,24 +249,27 @@ def cut(tokens, trained, max_seq_len):
     return tokens, trained, False
 
 
-def load_examples(path, template, max_seq_len, train_on_prompt=False, mask_history=False, log=print):
+def load_examples(path, template, max_seq_len, train_on_prompt=False, mask_history=False, log=print, pairs=False):
     """Read and tokenize a file, one row at a time (the store, nanotune.store, does it in batches). Rows
     longer than max_seq_len (+1 for the shifted target) are cut; rows that are left with nothing to learn
-    from are dropped; both are counted in the log."""
+    from are dropped; both are counted in the log. pairs: preference rows, each giving its chosen and then
+    its rejected Example (pair_rows), a pair dropped when either is left with no answer token."""
     examples, n_cut, dropped = [], 0, 0
     for where, _, row in read_rows(path):
-        system, dialogue = turns(row, where)
-        ex = encode(template, system, dialogue, train_on_prompt, mask_history, where)
-        ex.tokens, ex.trained, was_cut = cut(ex.tokens, ex.trained, max_seq_len)
-        n_cut += was_cut
-        if not any(ex.trained[1:]):
+        group = []
+        for system, dialogue, _ in pair_turns(row, where) if pairs else [(*turns(row, where), where)]:
+            ex = encode(template, system, dialogue, train_on_prompt and not pairs, mask_history or pairs, where)
+            ex.tokens, ex.trained, was_cut = cut(ex.tokens, ex.trained, max_seq_len)
+            n_cut += was_cut
+            group.append(ex)
+        if not all(any(ex.trained[1:]) for ex in group):
             dropped += 1
             continue
-        examples.append(ex)
+        examples += group
     if not examples:
         raise all_empty(path, max_seq_len)
-    log(f"data: {len(examples)} rows from {path}; {n_cut} cut to --max-seq-len {max_seq_len}, "
-        f"{dropped} dropped with no response token left")
+    log(f"data: {len(examples) // (1 + pairs)} {'pairs' if pairs else 'rows'} from {path}; {n_cut} rows cut to "
+        f"--max-seq-len {max_seq_len}, {dropped} {'pairs' if pairs else 'rows'} dropped with no response token left")
     return examples
 
 
@@ -325,15 +393,18 @@ def main(argv=None):
     try:
         tokenizer = load_tokenizer(args.model)
         template = load_template(args.template, args.model, tokenizer)
+        first = next(read_rows(args.data))[2]
+        pairs = isinstance(first, dict) and ("chosen" in first or "rejected" in first)  # shown as train.py's
         rows = load_examples(args.data, template, args.max_seq_len, args.train_on_prompt, args.mask_history,
-                             log=lambda line: print(line, file=sys.stderr))
+                             log=lambda line: print(line, file=sys.stderr), pairs=pairs)  # --objective dpo reads them
     except UserError as e:
         sys.exit(f"error: {e}")
-    for ex in rows[:args.show]:
+    for i, ex in enumerate(rows[:args.show * (1 + pairs)]):
         if args.json:
             print(json.dumps({"tokens": ex.tokens, "trained": [i > 0 and t for i, t in enumerate(ex.trained)]}))
         else:
-            print(show(ex, tokenizer, sys.stdout.isatty()) + "\n")
+            label = ("chosen:\n", "rejected:\n")[i % 2] if pairs else ""
+            print(label + show(ex, tokenizer, sys.stdout.isatty()) + "\n")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,93 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         return ((grad_h * grad_total.to(grad_h.dtype)).to(ctx.h_dtype) if grad_h is not None else None,
                 (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+
+
+def token_logprobs(h, labels, head, chunk=256, softcap=None):
+    """log p(label) of every position (B, T) fp32, 0 where the label is IGNORE: the piece every objective
+    builds on (SFT's loss is minus its sum; DPO, SimPO and ORPO sum or average it per row; a policy
+    gradient weighs it per token). Like summed_cross_entropy, no (N, V) logits are kept for the backward.
+    Under fp16-mixed the head runs in fp32 here: the per-row gradient one_hot - softmax is formed in the
+    forward, before the loss scale, and in fp16 most of a large vocabulary's softmax would round to zero."""
+    keep = labels != IGNORE
+    x, targets = h[keep], labels[keep]  # (N, C), (N,)
+    if softcap is None and type(head) is nn.Linear and head.bias is None:
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
+            else head.weight.dtype
+        dtype = torch.float32 if dtype == torch.float16 else dtype
+        logps = LinearLogProbs.apply(x.to(dtype), head.weight.to(dtype), targets, chunk, torch.is_grad_enabled())
+    else:  # a LoRA-adapted or soft-capped head (Gemma 2): plain autograd, a chunk of logits at a time
+        def chunk_logps(i):
+            logits = head(x[i:i + chunk]).float()
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            return -F.cross_entropy(logits, targets[i:i + chunk], reduction="none")
+        logps = torch.cat([chunk_logps(i) for i in range(0, x.shape[0], chunk)]
+                          or [x.new_zeros(0, dtype=torch.float32)])
+    return torch.zeros(labels.shape, dtype=torch.float32, device=h.device).masked_scatter(keep, logps)
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """log softmax(h_i @ W^T)[target_i] per row i: (N,) fp32, the upstream gradient is per row.
+
+    d logp_i / d h_i = (one_hot(target_i) - softmax_i) @ W depends on row i alone, so the forward forms
+    it at once, with LinearCrossEntropy's chunks, buffers and CPU blocks, and the backward only scales each
+    row by its upstream gradient: (N, C) kept, no logits. The head's own gradient
+    sum_i g_i (one_hot - softmax_i)^T h_i needs the g_i, known only in the backward: when the head trains
+    (full fine-tunes), the backward computes the logits again, a chunk at a time (one (N, C) x (C, V)
+    matmul more than LinearCrossEntropy)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, grad_enabled=True):
+        N, V = h.shape[0], weight.shape[0]
+        need_h, need_w = (need and grad_enabled for need in ctx.needs_input_grad[:2])  # see LinearCrossEntropy
+        cpu = h.device.type == "cpu"
+        rows = LinearCrossEntropy.CPU_ROWS if cpu else chunk
+        logits = h.new_empty(min(chunk, N), V)  # compute dtype: the chunk's logits, then one_hot - softmax
+        probs = h.new_empty(min(rows, N), V, dtype=torch.float32) if cpu else None
+        logps = torch.empty(N, dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        with torch.autocast(h.device.type, enabled=False):
+            for i in range(0, N, chunk):
+                x = h[i:i + chunk]  # (n, C)
+                z = torch.matmul(x, weight.t(), out=logits[:x.shape[0]])  # (n, V)
+                for j in range(0, x.shape[0], rows):
+                    zj = z[j:j + rows]  # (m, V)
+                    p, logps[i + j:i + j + zj.shape[0]] = one_hot_minus_softmax(
+                        zj, targets[i + j:i + j + zj.shape[0]], probs[:zj.shape[0]] if cpu else None)
+                    if need_h:
+                        zj.copy_(p)
+                if need_h:
+                    torch.matmul(z, weight, out=grad_h[i:i + x.shape[0]])
+        ctx.chunk = chunk
+        ctx.save_for_backward(grad_h, h if need_w else None, weight, targets)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        grad_h, h, weight, targets = ctx.saved_tensors
+        g = grad_logps[:, None]  # (N, 1) fp32
+        out_h = (grad_h * g.to(grad_h.dtype)) if grad_h is not None else None
+        out_w = None
+        if h is not None:
+            out_w = torch.zeros_like(weight, dtype=torch.float32)
+            with torch.autocast(h.device.type, enabled=False):
+                for i in range(0, h.shape[0], ctx.chunk):
+                    x = h[i:i + ctx.chunk]
+                    p, _ = one_hot_minus_softmax(x @ weight.t(), targets[i:i + ctx.chunk])
+                    out_w.addmm_((p * g[i:i + ctx.chunk]).t(), x.float())  # sum_i g_i (one_hot - softmax_i)^T h_i
+            out_w = out_w.to(weight.dtype)
+        return out_h, out_w, None, None, None
+
+
+def one_hot_minus_softmax(z, targets, buffer=None):
+    """For logits z (m, V): one_hot(target) - softmax(z) (m, V) fp32, and log softmax(z)[target] (m,).
+    buffer (m, V) fp32 or None: where to work (a CPU reuses one, see LinearCrossEntropy)."""
+    picked = z.gather(1, targets[:, None]).float()  # (m, 1), before z (fp32 on a GPU: zf is z) is overwritten
+    zf = buffer.copy_(z) if buffer is not None else z.float()
+    top = zf.amax(dim=1, keepdim=True)  # subtracted before exp: nothing overflows
+    p = zf.sub_(top).exp_()
+    s = p.sum(dim=1, keepdim=True)
+    logp = (picked - top - s.log())[:, 0]
+    p.div_(s).neg_().scatter_add_(1, targets[:, None], p.new_ones(targets.shape[0], 1))
+    return p, logp

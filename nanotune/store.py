@@ -38,7 +38,8 @@ from itertools import islice
 import numpy as np
 
 from nanotune import UserError
-from nanotune.data import Example, all_empty, check_file, cut, encode, encode_rows, read_rows, rows_at, turns
+from nanotune.data import (Example, all_empty, check_file, cut, encode, encode_rows, pair_turns, read_rows, rows_at,
+                           turns)
 
 FORMAT = 1  # bump when what a store holds, or how nanotune renders rows, changes
 BATCH = 1024  # rows per tokenizer call
@@ -50,12 +51,13 @@ ARRAYS = {"tokens": np.int32, "trained": np.uint8, "offsets": np.int64, "targets
 
 
 def load_store(path, template, model_dir, cache_dir, max_seq_len, train_on_prompt=False, mask_history=False,
-               log=print):
-    """The Store of a data file, from cache_dir when it is there, else built (and kept) there."""
+               log=print, pairs=False):
+    """The Store of a data file, from cache_dir when it is there, else built (and kept) there. pairs:
+    preference rows (data.pair_turns), stored as two rows each, chosen then rejected."""
     check_file(path)
     kind = [type(template).__name__, getattr(template, "name", None), getattr(template, "source", None)]
     recipe = {"format": FORMAT, "data": file_hash(path), "template": kind, "max_seq_len": max_seq_len,
-              "train_on_prompt": train_on_prompt, "mask_history": mask_history,
+              "train_on_prompt": train_on_prompt, "mask_history": mask_history, "pairs": pairs,
               "bos": list(template.tokenizer.bos), "eos": template.tokenizer.eos_id,
               "model files": {name: file_hash(os.path.join(model_dir, name)) for name in MODEL_FILES
                               if os.path.exists(os.path.join(model_dir, name))}}
@@ -76,12 +78,13 @@ def load_store(path, template, model_dir, cache_dir, max_seq_len, train_on_promp
                 log(f"data: the store {folder} is incomplete or damaged; building it again")
                 shutil.rmtree(folder)
             start = time.time()
-            build(path, template, max_seq_len, train_on_prompt, mask_history, folder, recipe)
+            build(path, template, max_seq_len, train_on_prompt, mask_history, folder, recipe, pairs)
             store = Store.open(folder, path)
             seconds = time.time() - start
             origin = f"built in {seconds:.1f}s, {store.meta['tokens'] / seconds:,.0f} tokens/s"
     m = store.meta
-    log(f"data: {m['rows']:,} rows, {m['tokens']:,} tokens ({m['targets'] / m['tokens']:.0%} trained) from {path}; "
+    log(f"data: {m['rows']:,} rows{' (chosen and rejected of %d pairs)' % (m['rows'] // 2) if pairs else ''}, "
+        f"{m['tokens']:,} tokens ({m['targets'] / m['tokens']:.0%} trained) from {path}; "
         f"{m['cut']} cut to --max-seq-len {max_seq_len}, {m['dropped']} dropped with no response token left; "
         f"store {m['bytes'] / 2**20:,.1f} MB in {folder} ({origin})")
     return store
@@ -95,9 +98,10 @@ def file_hash(path):
     return h.hexdigest()
 
 
-def build(path, template, max_seq_len, train_on_prompt, mask_history, folder, recipe):
+def build(path, template, max_seq_len, train_on_prompt, mask_history, folder, recipe, pairs=False):
     """Tokenize every row of `path` into the files of `folder`, BATCH rows per tokenizer call; rows are
-    cut and dropped as data.load_examples does. Nothing is held but one batch and the per-row arrays."""
+    cut and dropped as data.load_examples does. Nothing is held but one batch and the per-row arrays.
+    A preference row is two rows, chosen then rejected, trained on their final answer only."""
     cache_dir, name = os.path.split(folder)
     for stale in glob.glob(os.path.join(cache_dir, f".{name}.tmp-*")):  # a builder that was killed: only the
         shutil.rmtree(stale, ignore_errors=True)  # lock's holder builds, so no other is writing there
@@ -110,22 +114,27 @@ def build(path, template, max_seq_len, train_on_prompt, mask_history, folder, re
                 open(os.path.join(tmp, "trained.uint8"), "wb") as f_trained:
             rows = read_rows(path)
             while batch := list(islice(rows, BATCH)):
-                parsed = [(*turns(row, where), where) for where, _, row in batch]
+                if pairs:
+                    parsed = [turn for where, _, row in batch for turn in pair_turns(row, where)]
+                    encoded = encode_rows(template, parsed, False, True)
+                else:
+                    parsed = [(*turns(row, where), where) for where, _, row in batch]
+                    encoded = encode_rows(template, parsed, train_on_prompt, mask_history)
+                group = 2 if pairs else 1  # the store's rows of one data row
                 tokens, trained = array("i"), array("B")
-                for (_, source, _), (_, dialogue, _), (ids, mask) in zip(
-                        batch, parsed, encode_rows(template, parsed, train_on_prompt, mask_history)):
-                    ids, mask, was_cut = cut(ids, mask, max_seq_len)
-                    n_cut += was_cut
-                    n_targets = sum(mask[1:])
-                    if not n_targets:
+                for k, (_, source, _) in enumerate(batch):
+                    kept = [cut(ids, mask, max_seq_len) for ids, mask in encoded[group * k:group * (k + 1)]]
+                    n_cut += sum(was_cut for _, _, was_cut in kept)
+                    if not all(any(mask[1:]) for _, mask, _ in kept):
                         dropped += 1
                         continue
-                    tokens.extend(ids)
-                    trained.extend(mask)
-                    lengths.append(len(ids))
-                    targets.append(n_targets)
-                    sources.append(source)
-                    chat += dialogue[0][0] != "text"
+                    for ids, mask, _ in kept:
+                        tokens.extend(ids)
+                        trained.extend(mask)
+                        lengths.append(len(ids))
+                        targets.append(sum(mask[1:]))
+                        sources.append(source)
+                    chat += parsed[group * k][1][0][0] != "text"
                 tokens.tofile(f_tokens)
                 trained.tofile(f_trained)
         if not lengths:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanotune import UserError
-from nanotune.loss import summed_cross_entropy
+from nanotune.loss import summed_cross_entropy, token_logprobs
 
 
 class CausalLM(nn.Module):
@@ -72,15 +72,16 @@ class CausalLM(nn.Module):
                 x = block(x, ctx)
         return self.final_norm(x)
 
-    def forward(self, input_ids, labels=None, positions=None, documents=None, cache=None):
-        """Logits (B, T, V); or, given labels, the summed loss (nanotune.loss). Training goes through
+    def forward(self, input_ids, labels=None, positions=None, documents=None, cache=None, logprobs=False):
+        """Logits (B, T, V); or, given labels, the summed loss (nanotune.loss), or with logprobs=True each
+        label's log-probability (B, T) (nanotune.objectives). Training goes through
         forward, not the loss directly, because DDP and FSDP hook the wrapped module's forward.
         Packed rows (nanotune.packing) come with positions and documents, both (B, T). Generation
         (nanotune.generate) passes a Cache and gets the last position's logits only, (B, V)."""
         h = self.hidden_states(input_ids, positions, documents, cache)
         cap = self.final_logit_softcapping
         if labels is not None:
-            return summed_cross_entropy(h, labels, self.head, softcap=cap)
+            return (token_logprobs if logprobs else summed_cross_entropy)(h, labels, self.head, softcap=cap)
         if cache is None:
             return softcap(self.head(h), cap)
         h = h[:, -1]  # (B, C): the next token's logits only. A plain head computes them transposed, W h^T:
