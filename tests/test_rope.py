@@ -152,7 +152,8 @@ REAL = {
     "Phi-3.5-mini": ("phi3", "Phi3RotaryEmbedding", {
         "hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 131072,
         "original_max_position_embeddings": 4096, "rope_scaling": {
-            "type": "longrope", "short_factor": [1 + i / 40 for i in range(48)], "long_factor": [1 + i for i in range(48)]}}),
+            "type": "longrope", "short_factor": [1 + i / 40 for i in range(48)],
+            "long_factor": [1 + i for i in range(48)]}}),
     "Phi-4-mini": ("phi3", "Phi3RotaryEmbedding", {
         "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
         "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_scaling": {
