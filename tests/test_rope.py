@@ -1,6 +1,7 @@
 """Rotary scalings (nanotune.models.rope) against transformers' own classes, at lengths below and above
 the original context (dynamic and longrope change there), in a forward and in cached generation; and
 the formulas the tables come from, written out in the test."""
+import importlib
 import json
 import math
 
@@ -141,3 +142,41 @@ def test_refuses_scalings_it_cannot_compute(tmp_path, hf, message):
     with pytest.raises(UserError, match=message) as e:
         from_pretrained(str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+# Published configs' rotary settings at their real sizes (the factor lists shortened to patterns).
+REAL = {
+    "Qwen2.5-7B-Instruct + YaRN": ("qwen2", "Qwen2RotaryEmbedding", {
+        "hidden_size": 3584, "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
+        "rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}),
+    "Phi-3.5-mini": ("phi3", "Phi3RotaryEmbedding", {
+        "hidden_size": 3072, "num_attention_heads": 32, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "rope_scaling": {
+            "type": "longrope", "short_factor": [1 + i / 40 for i in range(48)],
+            "long_factor": [1 + i for i in range(48)]}}),
+    "Phi-4-mini": ("phi3", "Phi3RotaryEmbedding", {
+        "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 8, "partial_rotary_factor": 0.75,
+        "max_position_embeddings": 131072, "original_max_position_embeddings": 4096, "rope_scaling": {
+            "type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1 + i / 2 for i in range(48)]}}),
+    "Llama-2 + dynamic NTK": ("llama", "LlamaRotaryEmbedding", {
+        "hidden_size": 4096, "num_attention_heads": 32, "max_position_embeddings": 4096,
+        "rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+}
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_rotary_tables_at_real_sizes_match_transformers(tmp_path, name):
+    """cos and sin at positions up to 40000, past each original context, from a model built on the meta
+    device (no weights) against transformers' own rotary module for the same config."""
+    transformers = pytest.importorskip("transformers")
+    model_type, module, fields = REAL[name]
+    hf = {"model_type": model_type, "vocab_size": 1000, "intermediate_size": 64, "num_hidden_layers": 1, **fields}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    ours = from_pretrained(str(tmp_path), device="meta")
+    config = transformers.AutoConfig.for_model(**hf)
+    theirs = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), module)(config)
+    for last in (1000, 40000):  # the longest position of a forward decides dynamic's base and longrope's factors
+        positions = torch.arange(last - 8, last)[None]
+        expected = theirs(torch.zeros(1, dtype=torch.float32), positions)
+        for got, want in zip(ours.rotary(positions, torch.float32), expected):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -58,7 +58,7 @@ class Config:
     @classmethod
     def from_hf(cls, hf: dict, where: str) -> "Config":
         model_type = hf["model_type"]
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"  # transformers reads no hidden_act here
         if act != "gelu_pytorch_tanh":
             raise UserError(f"{where}: hidden_activation {act!r} is not supported, only 'gelu_pytorch_tanh'")
         if hf.get("use_bidirectional_attention"):
@@ -131,8 +131,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: Config, layer_type: str):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, \
-            config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         self.local = layer_type == LOCAL
         self.sliding_window = config.sliding_window if self.local else None
         self.scale = config.query_pre_attn_scalar ** -0.5

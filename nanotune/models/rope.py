@@ -5,7 +5,7 @@ was pretrained on, each computed as transformers computes it (modeling_rope_util
   linear    every angle divided by factor (position interpolation, Chen et al. 2023)
   llama3    slow pairs divided by factor, fast pairs kept, a smooth blend between (Llama 3.1)
   dynamic   NTK-aware: once a sequence is longer than max_position_embeddings, the base grows with its
-            length, so the slowest pair still turns less than once over the sequence (Qwen, fine-tunes)
+            length, so the slowest pair still turns less than once over it (common in fine-tuning configs)
   yarn      NTK-by-parts (Peng et al. 2023): pairs that turn more than beta_fast times over the original
             context are kept, pairs turning fewer than beta_slow times are divided by factor, a linear
             ramp between; cos and sin scaled by 0.1 ln(factor) + 1 (eq. 21), which sharpens attention
