@@ -60,12 +60,9 @@ def grad_accum_for(global_batch, micro_batch, world_size, grad_accum):
     return global_batch // per_pass
 
 
-def restart_line(saved, grad_accum, world_size, checkpoint):
-    """What a resumed run changed from the checkpoint's (saved: its flags), said in one line, or None for
-    a resume on the same layout that no elastic agent restarted. torchrun counts the restarts that
-    followed a failure (TORCHELASTIC_RESTART_COUNT), not those for a node that joined."""
-    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if not count and saved["world_size"] == world_size:
-        return None
-    return (f"{f'restart {count}' if count else 'new rendezvous'}: {saved['world_size']} -> {world_size} processes, "
-            f"gradient accumulation {saved['grad_accum']} -> {grad_accum}, resuming from {os.path.basename(checkpoint)}")
+def restart_line(restarts, saved, grad_accum, world_size, checkpoint):
+    """The line a resumed run says what changed with: restart number `restarts` of the run (counted in its
+    checkpoints: torchrun's TORCHELASTIC_RESTART_COUNT counts restarts after failures, not those for a node
+    that joins), the number of processes and the accumulation before (saved: the checkpoint's flags) and now."""
+    return (f"restart {restarts}: {saved['world_size']} -> {world_size} processes, gradient accumulation "
+            f"{saved['grad_accum']} -> {grad_accum}, resuming from {os.path.basename(checkpoint)}")
