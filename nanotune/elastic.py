@@ -5,7 +5,7 @@ restarted run says what changed.
 Who sends the signals: Slurm at a job's time limit (SIGTERM; with --signal=USR1@120, SIGUSR1 two
 minutes before), Kubernetes and spot/preemptible instances (SIGTERM, then SIGKILL after a grace
 period), and torchrun's agent when it stops its workers, e.g. because a node joins an elastic job
-(the signal it received, or SIGTERM; SIGKILL 30 s later, --shutdown-timeout).
+(the signal it received, or SIGTERM; SIGKILL 30 s later, TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
 
 A signal handler only records that a stop was asked for; the training loop looks once per step,
 with the loss it already sums over the ranks (no extra collective), so every rank stops after the

@@ -129,6 +129,7 @@ def test_a_node_dies_then_another_joins(tiny_model_dir, tiny_data, tmp_path, ref
     finally:
         nodes.end()
     log = nodes.log()
+    assert f"--resume: no checkpoint in {out} yet, starting from step 0" in log  # launch.sh's --resume, first start
     # Numbered by the run's own count ("restart 1", "restart 2"); should node 1 come late to the first
     # rendezvous, its join is one more restart.
     left = re.search(r"restart (\d+): 2 -> 1 processes, gradient accumulation 1 -> 2, resuming from step-2\n", log)
