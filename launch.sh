@@ -97,7 +97,10 @@ fi
 if [[ -z "${NODE_RANK:-}" && "$MAX_NODES" -gt 1 && -n "${RANK:-}" ]]; then NODE_RANK="$RANK"; fi
 NODE_RANK="${NODE_RANK:-${SL_NODEID:-0}}"
 [[ "$NODE_RANK" =~ ^(0|[1-9][0-9]*)$ ]] || die "NODE_RANK must be a non-negative integer, got '$NODE_RANK'."
-(( NODE_RANK < MAX_NODES )) || die "NODE_RANK=$NODE_RANK is out of range: it must be in [0, NNODES=$NNODES)."
+# An elastic job's nodes get their places at each rendezvous: a node that replaces a lost one has no range.
+if [[ -z "$ELASTIC" ]] && (( NODE_RANK >= NNODES )); then
+  die "NODE_RANK=$NODE_RANK is out of range: it must be in [0, NNODES=$NNODES)."
+fi
 
 MASTER_ADDR="${MASTER_ADDR:-${SL_MASTER:-127.0.0.1}}"
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -116,7 +119,7 @@ gpu_count() {
   echo $(( n > 0 ? n : 1 ))
 }
 if [[ -n "${WORLD_SIZE:-}" ]]; then
-  [[ -z "$ELASTIC" ]] || die "WORLD_SIZE fixes the process count, which an elastic job changes; set NPROC_PER_NODE instead."
+  [[ -z "$ELASTIC" ]] || die "WORLD_SIZE fixes the process count, which an elastic job changes; set NPROC_PER_NODE."
   positive WORLD_SIZE "$WORLD_SIZE"
   (( WORLD_SIZE % NNODES == 0 )) || die "WORLD_SIZE=$WORLD_SIZE (all processes) is not divisible by NNODES=$NNODES."
   PER_NODE=$(( WORLD_SIZE / NNODES ))

@@ -232,11 +232,12 @@ def train(args, world, stop):
 
     # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
     start_step = restore(checkpoint, wrapped, world, named_trainable, optimizer, scaler) if checkpoint else 0
+    restarts = 0  # how many times this run has continued from a checkpoint, kept in its checkpoints
     if checkpoint:
         print0(f"resumed from {checkpoint} at step {start_step}")
-        change = restart_line(read_trainer(checkpoint)["args"], args.grad_accum, world.size, checkpoint)
-        if change:  # an elastic job's new rendezvous: "restart 1: 2 -> 1 processes, gradient accumulation 1 -> 2, ..."
-            print0(change)
+        saved = read_trainer(checkpoint)
+        restarts = saved.get("restarts", 0) + 1  # "restart 1: 2 -> 1 processes, gradient accumulation 1 -> 2, ..."
+        print0(restart_line(restarts, saved["args"], args.grad_accum, world.size, checkpoint))
     metrics = Metrics(args.out, world.is_main, start_step if checkpoint else -1 if args.resume else None)
     scored = val.scored(args.eval_exact_match, template) if val else []
     if not checkpoint:
@@ -298,7 +299,8 @@ def train(args, world, stop):
         if val and ((args.eval_every and done % args.eval_every == 0) or done == total):
             report_eval(wrapped, val, [], done, f"step {done}", args, template, world, precision, metrics)
         if done < total and ((args.save_every and done % args.save_every == 0) or stopping):
-            path = save(args.out, done, wrapped, world, named_trainable, optimizer, scaler, vars(args), args.keep)
+            path = save(args.out, done, wrapped, world, named_trainable, optimizer, scaler, vars(args), args.keep,
+                        restarts)
             if stopping:
                 print0(f"stopped by {stop.received or 'a signal to another rank'} after step {done}, checkpoint "
                        f"{path}: continue with --resume --out {args.out}")

@@ -9,7 +9,7 @@ leave: both nodes train; once checkpoint step-4 exists, node 1's agent and worke
        rendezvous of one node -> "restart 1: ..." (the worker started, the checkpoint read) -> a step.
 join:  node 0 trains alone; once checkpoint step-4 exists, node 1 starts. Timed: node 1 started ->
        node 0's worker stopped by SIGTERM with a checkpoint (node 1's start-up, the agent noticing
-       it) -> a rendezvous of two nodes -> "new rendezvous: ..." -> a step.
+       it) -> a rendezvous of two nodes -> "restart 1: 1 -> 2 processes, ..." -> a step.
 Each time is read when the line reaches this script, so it includes the start-up of a Python
 process with torch on this machine: run it on a quiet one.
 """
@@ -30,15 +30,16 @@ class Node:
     """One node's launch.sh, its output lines kept with the time each arrived."""
 
     def __init__(self, rank, port, rdzv_conf, out, steps):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "NNODES": "1:2", "NODE_RANK": str(rank),
-               "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_ADDR": "127.0.0.1",
-               "RDZV_ID": f"bench-{port}", "MAX_RESTARTS": "1", "PYTHON": sys.executable,
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "NNODES": "1:2",
+               "NODE_RANK": str(rank), "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "LOCAL_ADDR": "127.0.0.1", "RDZV_ID": f"bench-{port}", "MAX_RESTARTS": "1", "PYTHON": sys.executable,
                "LOGLEVEL": "INFO",  # the agents say when a rendezvous completes
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         if rdzv_conf:
             env["RDZV_CONF"] = rdzv_conf
-        args = ["--out", out, "--max-steps", str(steps), "--batch-size", "2", "--global-batch", "4", "--save-every", "2",
-                "--eval-every", "0", "--eval-exact-match", "0", "--val-fraction", "0", "--log-every", "1"]
+        args = ["--out", out, "--max-steps", str(steps), "--batch-size", "2", "--global-batch", "4",
+                "--save-every", "2", "--eval-every", "0", "--eval-exact-match", "0", "--val-fraction", "0",
+                "--log-every", "1"]
         self.lines, self.started = [], time.time()
         self.proc = subprocess.Popen([os.path.join(ROOT, "launch.sh"), *args], cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -93,8 +94,8 @@ def leave(port, rdzv_conf, out):
         met = first.when("Rendezvous complete", failed)
         resumed = first.when("restart 1:", met)
         stepped = first.when("| loss", resumed)
-        return {"detected": failed - killed, "new rendezvous": met - failed, "worker started and resumed": resumed - met,
-                "first step": stepped - resumed, "total": stepped - killed}
+        return {"detected": failed - killed, "new rendezvous": met - failed,
+                "worker started and resumed": resumed - met, "first step": stepped - resumed, "total": stepped - killed}
     finally:
         first.kill()
         second.kill()
@@ -107,7 +108,7 @@ def join(port, rdzv_conf, out):
         second = Node(1, port, rdzv_conf, out, 600)
         stopped = first.when("stopped by SIGTERM", second.started)
         met = first.when("Rendezvous complete", stopped)
-        resumed = first_of([first, second], "new rendezvous:", met)
+        resumed = first_of([first, second], "restart 1:", met)
         stepped = first_of([first, second], "| loss", resumed)
         return {"node 1 up, node 0 stopped and saved": stopped - second.started, "new rendezvous": met - stopped,
                 "workers started and resumed": resumed - met, "first step": stepped - resumed,

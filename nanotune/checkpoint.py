@@ -75,7 +75,7 @@ def atomic_dir(path):
 
 # --- Training checkpoints: OUT/checkpoints/step-N/ ------------------------------------------------
 #   trainer.json           rank 0: step, flags (with the number of processes), loss-scaler state,
-#                          AdamW's step count
+#                          AdamW's step count, how many times the run had restarted from a checkpoint
 #   state-rank{r}.safetensors  the pieces of the trainable weights (param.NAME) and AdamW moments
 #                          (adam.NAME.exp_avg, adam.NAME.exp_avg_sq) that rank r wrote, each flattened
 #                          to 1-D: elements [start, end) of the tensor read in row-major order
@@ -90,8 +90,9 @@ def atomic_dir(path):
 # A `latest` file names the newest complete step-N; it is replaced (atomically) after the folder
 # is renamed into place, so it never points at a half-written checkpoint.
 
-def save(out, step, model, world, named_trainable, optimizer, scaler, flags: dict, keep):
-    """Write checkpoint step-`step` of a run (every rank must call: ZeRO-1/2 gathers moments, all ranks write)."""
+def save(out, step, model, world, named_trainable, optimizer, scaler, flags: dict, keep, restarts=0):
+    """Write checkpoint step-`step` of a run (every rank must call: ZeRO-1/2 gathers moments, all ranks write);
+    `restarts`: how many times the run has continued from a checkpoint so far."""
     if world.strategy == "deepspeed" and model.zero_optimization_stage() > 0:
         from nanotune.zero import ds_pieces
         pieces = ds_pieces(named_trainable, optimizer, world)
@@ -104,7 +105,7 @@ def save(out, step, model, world, named_trainable, optimizer, scaler, flags: dic
             layout[key] = {"shape": list(shape), "start": start, "end": start + piece.numel()}
     adam = next(iter(optimizer.state.values()), {})  # AdamW's step count: every tensor steps together
     trainer = {"step": step, "args": {**flags, "world_size": world.size}, "scaler": scaler.state_dict(),
-               "adam_step": float(adam.get("step", 0))}
+               "adam_step": float(adam.get("step", 0)), "restarts": restarts}
     return save_checkpoint(out, step, tensors, layout, trainer, world.rank, keep)
 
 

@@ -5,7 +5,7 @@ restarted run says what changed.
 Who sends the signals: Slurm at a job's time limit (SIGTERM; with --signal=USR1@120, SIGUSR1 two
 minutes before), Kubernetes and spot/preemptible instances (SIGTERM, then SIGKILL after a grace
 period), and torchrun's agent when it stops its workers, e.g. because a node joins an elastic job
-(the signal it received, or SIGTERM; SIGKILL 30 s later, --shutdown-timeout).
+(the signal it received, or SIGTERM; SIGKILL 30 s later, TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
 
 A signal handler only records that a stop was asked for; the training loop looks once per step,
 with the loss it already sums over the ranks (no extra collective), so every rank stops after the
@@ -60,12 +60,9 @@ def grad_accum_for(global_batch, micro_batch, world_size, grad_accum):
     return global_batch // per_pass
 
 
-def restart_line(saved, grad_accum, world_size, checkpoint):
-    """What a resumed run changed from the checkpoint's (saved: its flags), said in one line, or None for
-    a resume on the same layout that no elastic agent restarted. torchrun counts the restarts that
-    followed a failure (TORCHELASTIC_RESTART_COUNT), not those for a node that joined."""
-    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if not count and saved["world_size"] == world_size:
-        return None
-    return (f"{f'restart {count}' if count else 'new rendezvous'}: {saved['world_size']} -> {world_size} processes, "
-            f"gradient accumulation {saved['grad_accum']} -> {grad_accum}, resuming from {os.path.basename(checkpoint)}")
+def restart_line(restarts, saved, grad_accum, world_size, checkpoint):
+    """The line a resumed run says what changed with: restart number `restarts` of the run (counted in its
+    checkpoints: torchrun's TORCHELASTIC_RESTART_COUNT counts restarts after failures, not those for a node
+    that joins), the number of processes and the accumulation before (saved: the checkpoint's flags) and now."""
+    return (f"restart {restarts}: {saved['world_size']} -> {world_size} processes, gradient accumulation "
+            f"{saved['grad_accum']} -> {grad_accum}, resuming from {os.path.basename(checkpoint)}")

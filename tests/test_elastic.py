@@ -2,6 +2,7 @@
 launch.sh) that lose or gain a node mid-run and finish on the trajectory of an uninterrupted run.
 The stop on SIGTERM/SIGUSR1 itself is tested in test_resume.py."""
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -38,7 +39,7 @@ def test_global_batch_refusals(tiny_model_dir, tiny_data, tmp_path, flags, messa
 # --- Elastic jobs: two nodes as two torchrun agents on this machine, each started by launch.sh -------
 # Short rendezvous settings (torchrun's defaults wait 30 s for late nodes and notice a dead one after
 # 15 s); a lost node is noticed at once here anyway, since its sockets close.
-STEPS = ["--max-steps", 8, "--batch-size", 2, "--global-batch", 4, "--lora-dropout", 0, "--log-every", 1,
+STEPS = ["--max-steps", 10, "--batch-size", 2, "--global-batch", 4, "--lora-dropout", 0, "--log-every", 1,
          "--eval-every", 0, "--eval-exact-match", 0, "--val-fraction", 0, "--save-every", 2]
 RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
 LAUNCH, TRAIN = os.path.join(ROOT, "launch.sh"), os.path.join(ROOT, "train.py")
@@ -54,8 +55,8 @@ def reference(tiny_model_dir, tiny_data, tmp_path_factory):
 
 
 class Nodes:
-    """Nodes of one elastic job (NNODES=1:2, one process each), started as `./launch.sh` would be on each
-    machine; every process they start carries a mark in its environment, so that end() can find and end
+    """Nodes of one elastic job (NNODES=1:2, one process each, up to 2 at a time), started as `./launch.sh`
+    would be on each machine; every process they start carries a mark in its environment, so that end() can find and end
     them all, workers included (torchrun starts those in sessions of their own)."""
 
     def __init__(self, port, folder):
@@ -81,8 +82,7 @@ class Nodes:
                                     start_new_session=True)
 
     def log(self):
-        return "".join((self.folder / f"node{rank}.log").read_text() for rank in (0, 1)
-                       if (self.folder / f"node{rank}.log").exists())
+        return "".join(log.read_text() for log in sorted(self.folder.glob("node*.log")))
 
     def end(self):
         """SIGKILL every process this job started that is still there."""
@@ -105,40 +105,35 @@ def close_to(out, reference):
 
 
 @needs_proc
-def test_a_node_that_dies_leaves_the_job_on_the_other(tiny_model_dir, tiny_data, tmp_path, reference):
-    """Two nodes train; node 1 (its agent and its worker) dies by SIGKILL as it starts checkpoint 4. Node 0's
-    collective fails, its agent gathers a rendezvous of one node, and the job ends there from step-2 with
-    twice the accumulation."""
+def test_a_node_dies_then_another_joins(tiny_model_dir, tiny_data, tmp_path, reference):
+    """One job, both scenarios (each run of a node costs seconds of start-up):
+    1. Nodes 0 and 1 train; node 1 (its agent and its worker) dies by SIGKILL as it starts checkpoint 4.
+       Node 0's collective fails, its agent gathers a rendezvous of one node, and node 0 goes on alone
+       from step-2 with twice the accumulation.
+    2. Once node 0 has written checkpoint 6 it waits until told to stop, and node 2 starts: node 0's
+       agent stops its worker with SIGTERM, which checkpoints step 7, and the job ends on nodes 0 and 2.
+    Node 0 hosts the rendezvous; nodes 0 and 1 run the torchrun command launch.sh prints, with a test
+    double of train.py, node 2 runs launch.sh itself."""
     out, nodes = tmp_path / "out", Nodes(29871, tmp_path)
     args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
     try:
-        first = nodes.start(0, args)
+        first = nodes.start(0, args, "tests/hold_at_save.py", HOLD_AT_STEP="6")
         second = nodes.start(1, args, "tests/kill_at_save.py", KILL_AT_STEP="4", KILL_NODE="1")
-        assert first.wait(timeout=240) == 0, nodes.log()
-        assert second.wait(timeout=30) == -signal.SIGKILL, nodes.log()
-    finally:
-        nodes.end()
-    assert "restart 1: 2 -> 1 processes, gradient accumulation 1 -> 2, resuming from step-2" in nodes.log()
-    close_to(out, reference)
-
-
-@needs_proc
-def test_a_node_that_joins_continues_the_job_on_both(tiny_model_dir, tiny_data, tmp_path, reference):
-    """Node 0 trains alone (grad-accum 2) and waits after checkpoint 2 until told to stop; node 1 starts.
-    Node 0's agent stops its worker with SIGTERM, which checkpoints step 3, and the job ends on both."""
-    out, nodes = tmp_path / "out", Nodes(29872, tmp_path)
-    args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
-    try:
-        first = nodes.start(0, args, "tests/hold_at_save.py", HOLD_AT_STEP="2")
-        deadline = time.time() + 120
-        while not (out / "checkpoints" / "step-2").exists():
+        assert second.wait(timeout=240) == -signal.SIGKILL, nodes.log()
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / "step-6").exists():
             assert first.poll() is None and time.time() < deadline, nodes.log()
             time.sleep(0.1)
-        second = nodes.start(1, args)
-        assert first.wait(timeout=240) == 0 and second.wait(timeout=60) == 0, nodes.log()
+        third = nodes.start(2, args)
+        assert first.wait(timeout=240) == 0 and third.wait(timeout=60) == 0, nodes.log()
     finally:
         nodes.end()
     log = nodes.log()
-    assert f"stopped by SIGTERM after step 3, checkpoint {out / 'checkpoints' / 'step-3'}" in log
-    assert "new rendezvous: 1 -> 2 processes, gradient accumulation 2 -> 1, resuming from step-3" in log
+    assert f"--resume: no checkpoint in {out} yet, starting from step 0" in log  # launch.sh's --resume, first start
+    # Numbered by the run's own count ("restart 1", "restart 2"); should node 1 come late to the first
+    # rendezvous, its join is one more restart.
+    left = re.search(r"restart (\d+): 2 -> 1 processes, gradient accumulation 1 -> 2, resuming from step-2\n", log)
+    assert f"stopped by SIGTERM after step 7, checkpoint {out / 'checkpoints' / 'step-7'}" in log
+    joined = re.search(r"restart (\d+): 1 -> 2 processes, gradient accumulation 2 -> 1, resuming from step-7\n", log)
+    assert left and joined and int(joined[1]) == int(left[1]) + 1, log
     close_to(out, reference)

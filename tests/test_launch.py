@@ -117,8 +117,7 @@ def test_slurm_without_scontrol():
     ({"MASTER_PORT": "abc"}, "MASTER_PORT must be a positive integer"),
     ({"NNODES": "3:2"}, "NNODES=3:2: MIN must not exceed MAX"),
     ({"NNODES": "1:x"}, "NNODES's MAX must be a positive integer"),
-    ({"NNODES": "1:2", "NODE_RANK": "2"}, "out of range"),
-    ({"NNODES": "1:2", "WORLD_SIZE": "2"}, "WORLD_SIZE fixes the process count, which an elastic job changes"),
+    ({"NNODES": "1:2", "WORLD_SIZE": "2"}, "WORLD_SIZE fixes the process count, which an elastic job changes; set NPROC_PER_NODE"),
     ({"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a non-negative integer"),
 ])
 def test_validation(env, words):

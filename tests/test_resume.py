@@ -102,7 +102,9 @@ def test_sigterm_checkpoints_the_step_then_resume_is_bit_identical(tiny_model_di
     assert stdout.splitlines()[-1] == (f"stopped by SIGTERM after step {step}, checkpoint {checkpoint}: continue with "
                                        f"--resume --out {out}")
     assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".")]
-    assert f"resumed from {checkpoint} at step {step}" in train_here(*args, "--resume")
+    resumed = train_here(*args, "--resume")
+    assert f"resumed from {checkpoint} at step {step}" in resumed
+    assert f"restart 1: 1 -> 1 processes, gradient accumulation 1 -> 1, resuming from step-{step}\n" in resumed
     same_run(out, uninterrupted)
 
 
