@@ -117,6 +117,8 @@ def parse_args(argv=None):
       help="DeepSpeed ZeRO stage: partition optimizer state (1), + gradients (2), + parameters (3) (None: 0)")
     a("--zero-offload", action="store_true", help="DeepSpeed: keep the optimizer partitions in CPU memory")
     a("--deepspeed-config", help="a DeepSpeed JSON config merged over the one the flags build")
+    a("--timeout", type=float, default=30, help="minutes a collective waits for the slowest process before the "
+      "run stops with an error (a process that died); raise it if one process works alone longer")
     a("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     a = p.add_argument_group("run").add_argument
     a("--out", default="out", help="output folder: metrics.jsonl, checkpoints/, adapter/ or model/")
@@ -136,7 +138,7 @@ def parse_args(argv=None):
 
 def main(args):
     check_args(args)
-    world = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload)
+    world = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload, timeout_minutes=args.timeout)
     try:
         train(args, world)
     finally:
@@ -256,7 +258,9 @@ def train(args, world):
     if scored:
         report_eval(wrapped, [], scored, total, "after training", args, template, world, precision, metrics)
 
-    # Outputs: gathered to rank 0 (FSDP, ZeRO-3), written to a temporary folder, renamed into place.
+    # Outputs: gathered to rank 0 (FSDP, ZeRO-3: every rank takes part), written by rank 0 alone to a temporary
+    # folder, renamed into place. No barrier after it: the other ranks close the group and exit while rank 0
+    # writes, so none waits (and times out, --timeout) on the write of a large model.
     state = full_state_dict(wrapped, world, trainable_only=bool(args.lora or args.adapter))
     if world.is_main:
         name = "adapter" if args.lora or args.adapter else "model"
@@ -268,7 +272,6 @@ def train(args, world):
                 export(template, tmp)
         print0(f"saved {os.path.join(args.out, name)}")
         print0(report(args.out))  # OUT/loss.png
-    barrier()
 
 
 # --- The steps of train(), in its order ------------------------------------------------------------
@@ -430,7 +433,8 @@ def exact_match(model, examples, template, world, precision, batch_size, max_seq
     when it has as many tokens as the reference plus 4, or when it fills max_seq_len with its prompt
     (training cut every row there: the model never learned to go on). A batch ends when all its rows
     have stopped, so a model that is wrong early costs a few steps per row, not a whole answer.
-    Every rank generates for every row: a sharded model needs all ranks in each forward."""
+    Every rank generates for every row: a sharded model needs all ranks in each forward, and rank 0's
+    tokens, broadcast at each step, decide for all when each row stops."""
     model.eval()
     tokenizer = template.tokenizer
     references = [ex.reference.strip() for ex in examples]
@@ -445,7 +449,8 @@ def exact_match(model, examples, template, world, precision, batch_size, max_seq
         rows = order[start:start + batch_size]
         with precision.context(world.device):
             new = generate(model, [examples[i].prompt for i in rows], max(budget[i] for i in rows),
-                           eos=template.stop_ids, keep=lambda row, ids: may_match(rows[row], ids))
+                           eos=template.stop_ids, keep=lambda row, ids: may_match(rows[row], ids),
+                           device=world.device, agree=broadcast_from_rank0 if world.size > 1 else None)
         hits += sum(tokenizer.decode(ids).strip() == references[i] for i, ids in zip(rows, new))
     model.train()
     return hits / max(len(examples), 1)

@@ -14,7 +14,7 @@ from nanotune.quantize import quant_bits
 
 # Flags that do not change the math of a run: a resume may change these and nothing else.
 RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
-             "keep", "merge", "local_rank", "data_cache", "compile", "save_dtype", "max_shard_size"}
+             "keep", "merge", "local_rank", "data_cache", "compile", "save_dtype", "max_shard_size", "timeout"}
 # How the work is spread over processes: a resume may change these too, if the global batch (micro-batch x
 # grad-accum x processes) stays the same, so that every step reads the very same rows (data.Batches).
 LAYOUT = {"world_size", "batch_size", "grad_accum", "strategy", "fsdp_sharding", "fsdp_prefetch", "fsdp_offload",
@@ -22,7 +22,8 @@ LAYOUT = {"world_size", "batch_size", "grad_accum", "strategy", "fsdp_sharding",
 
 
 def check_args(args):
-    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha), ("--epochs", args.epochs)):
+    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha), ("--epochs", args.epochs),
+                        ("--timeout", args.timeout)):
         if not (value > 0 and math.isfinite(value)):
             raise UserError(f"{flag} must be > 0 and finite, got {value}")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),

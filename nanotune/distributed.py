@@ -19,9 +19,6 @@ import torch.distributed as dist
 from nanotune import UserError
 
 
-TIMEOUT = datetime.timedelta(minutes=10)  # how long a collective waits for a rank that died
-
-
 @dataclass
 class World:
     """This process's place in the run: the strategy (none, ddp, fsdp, deepspeed), its global rank,
@@ -54,10 +51,12 @@ def pick_device(name: str = None) -> torch.device:
     return dev
 
 
-def compute_init(strategy: str, device: str = None, cpu_collectives=False) -> World:
+def compute_init(strategy: str, device: str = None, cpu_collectives=False, timeout_minutes=30.0) -> World:
     """Resolve --strategy ('auto': ddp when torchrun started several processes) and set up the
-    process group if one is needed: NCCL with one GPU per local rank, gloo on CPU. The TIMEOUT
-    bounds how long a collective waits for a rank that died, so the others exit instead of hanging.
+    process group if one is needed: NCCL with one GPU per local rank, gloo on CPU. The timeout
+    (--timeout) bounds how long a collective waits for the slowest rank, so the others exit instead
+    of hanging when one died; it must outlast the longest stretch one rank works alone (30 minutes,
+    as transformers' Trainer; train.py's final save does not wait on rank 0's write).
     cpu_collectives adds gloo beside NCCL for tensors in CPU memory: FSDP's CPU offload keeps the
     gradient shards there, and clipping them all-reduces their norm (NCCL only takes GPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -82,7 +81,8 @@ def compute_init(strategy: str, device: str = None, cpu_collectives=False) -> Wo
         torch.cuda.set_device(local_rank)
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     backend = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if use_cuda else "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT, device_id=dev if use_cuda else None)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=dev if use_cuda else None)
     return World(strategy, rank, local_rank, dist.get_world_size(), dev)
 
 
