@@ -176,7 +176,8 @@ def test_train_py_compile_matches_eager(tiny_model_dir, tiny_data, tmp_path):
 
 
 def test_deepspeed_is_refused_in_one_sentence():
-    args = Namespace(compile=True, load_in_8bit=False, load_in_4bit=False, fsdp_offload=False, precision="bf16")
+    args = Namespace(compile=True, load_in_8bit=False, load_in_4bit=False, fsdp_offload=False, precision="bf16",
+                     lora=True, adapter=None, lora_dtype="fp32")
     with pytest.raises(UserError, match="--compile is not offered with --strategy deepspeed"):
         check_combination(args, World(strategy="deepspeed"))
     check_combination(args, World(strategy="fsdp"))
