@@ -30,7 +30,7 @@ from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, parse_size, save_pretrained
 from nanotune.plot import report
-from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
+from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, matmul_precision, resolve
 from nanotune.quantize import quant_bits, quantize
 from nanotune.store import load_store
 from nanotune.templates import NAMES as TEMPLATES, export, load_template
@@ -152,6 +152,7 @@ def main(args):
 
 def train(args, world):
     precision = resolve(args.precision, world.device)
+    matmul_precision(precision, world.device)  # TF32 on CUDA but under --precision 32
     check_combination(args, world)
     torch.manual_seed(args.seed)
     checkpoint = find_resume(args, world)  # first, so a resume with other flags fails before anything loads
@@ -211,7 +212,7 @@ def train(args, world):
             group["lr"] = lr
         micro, n_tokens = batches.step(step)
         step_loss = 0.0
-        for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, documents)
+        for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, row_lengths)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
             # Dividing by the global batch's token count (times the world size, since DDP and FSDP
             # average gradients over ranks) makes the gradient the mean over every trained token of
