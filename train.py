@@ -34,7 +34,7 @@ from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, load_w
 from nanotune.objectives import NAMES as OBJECTIVES, WITH_REFERENCE, FIGURES, check_objective_flags, objective
 from nanotune.pairs import PairBatches, Pairs, attach_reference, evaluate_pairs, load_reference, save_reference
 from nanotune.plot import report
-from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, load_dtype, resolve
+from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, load_dtype, matmul_precision, resolve
 from nanotune.quantize import quant_bits, quantize
 from nanotune.store import load_store
 from nanotune.templates import NAMES as TEMPLATES, export, load_template
@@ -133,6 +133,8 @@ def parse_args(argv=None):
       help="DeepSpeed ZeRO stage: partition optimizer state (1), + gradients (2), + parameters (3) (None: 0)")
     a("--zero-offload", action="store_true", help="DeepSpeed: keep the optimizer partitions in CPU memory")
     a("--deepspeed-config", help="a DeepSpeed JSON config merged over the one the flags build")
+    a("--timeout", type=float, default=30, help="minutes a collective waits for the slowest process before the "
+      "run stops with an error (a process that died); raise it if one process works alone longer")
     a("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     a = p.add_argument_group("run").add_argument
     a("--out", default="out", help="output folder: metrics.jsonl, checkpoints/, adapter/ or model/")
@@ -153,7 +155,7 @@ def parse_args(argv=None):
 def main(args):
     check_args(args)
     check_objective_flags(args)
-    world = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload)
+    world = compute_init(args.strategy, args.device, cpu_collectives=args.fsdp_offload, timeout_minutes=args.timeout)
     try:
         with StopSignals() as stop:  # SIGTERM / SIGUSR1: checkpoint the current step, exit PREEMPTED
             train(args, world, stop)
@@ -168,6 +170,7 @@ def main(args):
 
 def train(args, world, stop):
     precision = resolve(args.precision, world.device)
+    matmul_precision(precision, world.device)  # TF32 on CUDA but under --precision 32
     check_combination(args, world)
     if args.global_batch is not None:
         args.grad_accum = grad_accum_for(args.global_batch, args.batch_size, world.size, args.grad_accum)
@@ -250,7 +253,7 @@ def train(args, world, stop):
             group["lr"] = lr
         micro, n_tokens = batches.step(step)
         step_loss, step_figures = 0.0, dict.fromkeys(FIGURES if pairs else (), 0.0)
-        for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, documents)
+        for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, row_lengths)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
             # Dividing by the global batch's token count (times the world size, since DDP and FSDP
             # average gradients over ranks) makes the gradient the mean over every trained token of
@@ -309,7 +312,9 @@ def train(args, world, stop):
     if scored:
         report_eval(wrapped, [], scored, total, "after training", args, template, world, precision, metrics)
 
-    # Outputs: gathered to rank 0 (FSDP, ZeRO-3), written to a temporary folder, renamed into place.
+    # Outputs: gathered to rank 0 (FSDP, ZeRO-3: every rank takes part), written by rank 0 alone to a temporary
+    # folder, renamed into place. No barrier after it: the other ranks close the group and exit while rank 0
+    # writes, so none waits (and times out, --timeout) on the write of a large model.
     gather = ds_full_state_dict if world.strategy == "deepspeed" else full_state_dict
     state = gather(wrapped, world, trainable_only=bool(args.lora or args.adapter))
     if world.is_main:
@@ -322,7 +327,6 @@ def train(args, world, stop):
                 export(template, tmp)
         print0(f"saved {os.path.join(args.out, name)}")
         print0(report(args.out))  # OUT/loss.png
-    barrier()
 
 
 # --- The steps of train(), in its order ------------------------------------------------------------
@@ -491,7 +495,8 @@ def exact_match(model, examples, template, world, precision, batch_size, max_seq
     when it has as many tokens as the reference plus 4, or when it fills max_seq_len with its prompt
     (training cut every row there: the model never learned to go on). A batch ends when all its rows
     have stopped, so a model that is wrong early costs a few steps per row, not a whole answer.
-    Every rank generates for every row: a sharded model needs all ranks in each forward."""
+    Every rank generates for every row: a sharded model needs all ranks in each forward, and rank 0's
+    tokens, broadcast at each step, decide for all when each row stops."""
     model.eval()
     tokenizer = template.tokenizer
     references = [ex.reference.strip() for ex in examples]
@@ -506,7 +511,8 @@ def exact_match(model, examples, template, world, precision, batch_size, max_seq
         rows = order[start:start + batch_size]
         with precision.context(world.device):
             new = generate(model, [examples[i].prompt for i in rows], max(budget[i] for i in rows),
-                           eos=template.stop_ids, keep=lambda row, ids: may_match(rows[row], ids))
+                           eos=template.stop_ids, keep=lambda row, ids: may_match(rows[row], ids),
+                           device=world.device, agree=broadcast_from_rank0 if world.size > 1 else None)
         hits += sum(tokenizer.decode(ids).strip() == references[i] for i, ids in zip(rows, new))
     model.train()
     return hits / max(len(examples), 1)

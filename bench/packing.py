@@ -265,14 +265,13 @@ def attention(args):
     model_dir = os.path.join(args.work, "model")
     write_model(args, model_dir)
     batches = Batches(store_of(args, model_dir, args.data), args.packed_batch, 1, seed=0, seq_len=args.max_seq_len)
-    documents = batches.step(0)[0][0][3]  # (B, T)
-    B, T, nh = documents.shape[0], args.max_seq_len, args.heads
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = causal & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, T, T)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    ways = {"per row (Context.attend)": lambda q, k, v: Context(None, None, documents).attend(None, q, k, v),
-            "one masked call": lambda q, k, v: sdpa(q, k, v, attn_mask=mask)}
-    print(f"{B} packed sequences of {T} positions, {len(Context(None, None, documents).row_lengths)} rows; {nh} heads "
+    input_ids, _, _, row_lengths = batches.step(0)[0][0]  # (B, T) and (R,)
+    B, T, nh = input_ids.shape[0], args.max_seq_len, args.heads
+    # The CPU's way (Context.attend there: a call per row) and the GPU's (Context.masked: one SDPA call
+    # with the (B, 1, T, T) block-diagonal mask, built once per forward as a GPU run builds it).
+    ways = {"per row (Context.attend)": lambda q, k, v: Context(None, None, row_lengths).attend(None, q, k, v),
+            "one masked call": lambda q, k, v: Context(None, None, row_lengths).masked(q, k, v, None)}
+    print(f"{B} packed sequences of {T} positions, {len(row_lengths)} rows; {nh} heads "
           f"of {args.hidden // nh}; {torch.get_num_threads()} threads; CPU ms for forward + backward, best of 3")
     for dtype in (torch.float32, torch.bfloat16):
         # q, k, v as the models hand them over: (B, nh, T, hs) views of a (B, T, nh, hs) projection

@@ -5,6 +5,9 @@ check_adapter_flags against a loaded adapter's config, check_resume against a ch
 """
 import math
 import os
+import re
+
+import torch
 
 from nanotune import UserError
 from nanotune.checkpoint import check_writable
@@ -14,15 +17,27 @@ from nanotune.quantize import quant_bits
 
 # Flags that do not change the math of a run: a resume may change these and nothing else.
 RESUMABLE = {"out", "overwrite", "resume", "device", "log_every", "eval_every", "eval_exact_match", "save_every",
-             "keep", "merge", "local_rank", "data_cache", "compile", "save_dtype", "max_shard_size"}
+             "keep", "merge", "local_rank", "data_cache", "compile", "save_dtype", "max_shard_size", "timeout"}
 # How the work is spread over processes: a resume may change these too, if the global batch (micro-batch x
 # grad-accum x processes) stays the same, so that every step reads the very same rows (data.Batches).
 LAYOUT = {"world_size", "batch_size", "grad_accum", "global_batch", "strategy", "fsdp_sharding", "fsdp_prefetch",
           "fsdp_offload", "zero_stage", "zero_offload", "deepspeed_config"}
 
+# The torch releases FSDP2 (fully_shard) needs for what nanotune shards, read in each release's
+# torch/distributed/fsdp/_fully_shard: 2.8 requires one dtype of a unit's *trained* parameters only
+# (2.6 and 2.7 of all of them, so frozen bf16 weights beside fp32 LoRA weights failed); 2.12 takes
+# non-float parameters such as the packed 4-bit codes (pytorch#177844, fixed by pytorch#177948).
+FSDP_MIXED_DTYPES, FSDP_NON_FLOAT = (2, 8), (2, 12)
+
+
+def torch_version():
+    """(major, minor) of the running torch."""
+    return tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
+
 
 def check_args(args):
-    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha), ("--epochs", args.epochs)):
+    for flag, value in (("--lr", args.lr), ("--lora-alpha", args.lora_alpha), ("--epochs", args.epochs),
+                        ("--timeout", args.timeout)):
         if not (value > 0 and math.isfinite(value)):
             raise UserError(f"{flag} must be > 0 and finite, got {value}")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
@@ -92,6 +107,17 @@ def check_combination(args, world):
         raise UserError("--precision bf16-true with --load-in-4bit is not supported under --strategy fsdp (FSDP2 "
                         "cannot all-gather a block whose packed 4-bit codes sit beside both bf16 weights and fp32 "
                         "LoRA weights); use --precision bf16")
+    if strategy == "fsdp" and args.load_in_4bit and torch_version() < FSDP_NON_FLOAT:
+        raise UserError(f"--load-in-4bit under --strategy fsdp needs torch >= {'.'.join(map(str, FSDP_NON_FLOAT))} "
+                        "(fully_shard fails on the packed 4-bit codes, a non-float parameter, before the fix of "
+                        f"pytorch#177844), and this is torch {torch.__version__}; upgrade torch or use --strategy ddp")
+    mixed = (args.lora or args.adapter) and ALIASES.get(args.precision, args.precision) != "32-true" \
+        and not (args.precision == "bf16-true" and args.lora_dtype == "bf16")
+    if strategy == "fsdp" and mixed and torch_version() < FSDP_MIXED_DTYPES:
+        raise UserError(f"--strategy fsdp with LoRA under --precision {args.precision} needs torch >= "
+                        f"{'.'.join(map(str, FSDP_MIXED_DTYPES))} (each block then holds frozen weights in 16 bits "
+                        "beside fp32 LoRA weights, and older FSDP2 wants one dtype for all of a block's parameters), "
+                        f"and this is torch {torch.__version__}; upgrade torch or use --precision 32")
     if args.fsdp_offload and (strategy != "fsdp" or world.device.type != "cuda"):
         raise UserError("--fsdp-offload moves FSDP's shards from GPU to CPU memory; it needs --strategy fsdp "
                         "on CUDA (on a CPU run the weights are in CPU memory already)")

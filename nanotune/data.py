@@ -336,7 +336,7 @@ class Batches:
 
     def step(self, step):
         """(micro-batches for this rank, number of trained tokens in the whole global batch). A micro-batch
-        is (input_ids, labels), packed ones also (positions, documents): CausalLM.forward's arguments."""
+        is (input_ids, labels), packed ones also (positions, row_lengths): CausalLM.forward's arguments."""
         units = self.global_rows(step)
         n_tokens = int(sum(self.rows.targets[unit].sum() for unit in units))
         per_rank = self.micro_batch * self.grad_accum

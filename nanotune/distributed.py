@@ -19,9 +19,6 @@ import torch.distributed as dist
 from nanotune import UserError
 
 
-TIMEOUT = datetime.timedelta(minutes=10)  # how long a collective waits for a rank that died
-
-
 @dataclass
 class World:
     """This process's place in the run: the strategy (none, ddp, fsdp, deepspeed), its global rank,
@@ -54,10 +51,12 @@ def pick_device(name: str = None) -> torch.device:
     return dev
 
 
-def compute_init(strategy: str, device: str = None, cpu_collectives=False) -> World:
+def compute_init(strategy: str, device: str = None, cpu_collectives=False, timeout_minutes=30.0) -> World:
     """Resolve --strategy ('auto': ddp when torchrun started several processes) and set up the
-    process group if one is needed: NCCL with one GPU per local rank, gloo on CPU. The TIMEOUT
-    bounds how long a collective waits for a rank that died, so the others exit instead of hanging.
+    process group if one is needed: NCCL with one GPU per local rank, gloo on CPU. The timeout
+    (--timeout) bounds how long a collective waits for the slowest rank, so the others exit instead
+    of hanging when one died; it must outlast the longest stretch one rank works alone (30 minutes,
+    as transformers' Trainer; train.py's final save does not wait on rank 0's write).
     cpu_collectives adds gloo beside NCCL for tensors in CPU memory: FSDP's CPU offload keeps the
     gradient shards there, and clipping them all-reduces their norm (NCCL only takes GPU tensors)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -71,18 +70,22 @@ def compute_init(strategy: str, device: str = None, cpu_collectives=False) -> Wo
         if use_cuda and dev.index is not None:
             torch.cuda.set_device(dev)  # calls that take the current GPU (RNG state, peak memory) mean this one
         return World(strategy, device=dev)
-    if "RANK" not in os.environ:  # --strategy ddp/fsdp without torchrun: a group of one, on this machine
+    gpu = None  # under torchrun, each process takes the GPU of its local rank
+    if "RANK" not in os.environ:  # --strategy ddp/fsdp without torchrun: a group of one, on --device's GPU
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        gpu = dev.index or 0
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        gpu = local_rank if gpu is None else gpu
+        torch.cuda.set_device(gpu)
+    dev = torch.device(f"cuda:{gpu}" if use_cuda else "cpu")
     backend = ("cpu:gloo,cuda:nccl" if cpu_collectives else "nccl") if use_cuda else "gloo"
-    dist.init_process_group(backend, timeout=TIMEOUT, device_id=dev if use_cuda else None)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                            device_id=dev if use_cuda else None)
     return World(strategy, rank, local_rank, dist.get_world_size(), dev)
 
 
@@ -140,7 +143,7 @@ def wrap_ddp(model, world: World):
     parameter is used in every step, so the unused-parameter search stays off. DDP broadcasts
     rank 0's weights at construction, so every replica starts from the same LoRA init."""
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
                                    find_unused_parameters=False)
 
 

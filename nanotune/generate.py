@@ -23,7 +23,7 @@ from nanotune.tokenizer import load_tokenizer
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, eos=(), generator=None,
-             keep=None):
+             keep=None, device=None, agree=None):
     """The new token ids of each prompt (a list of token-id lists, any lengths), generated together.
 
     The prompts are left-padded into one (B, T) batch, so that every row's next token comes from its
@@ -37,8 +37,14 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
     when keep(row, its new ids so far) returns False (exact-match scoring stops a row that can no longer
     equal its reference); generation ends when every row has stopped or after max_new_tokens. `model`
     may be wrapped (DDP, FSDP, DeepSpeed): it is only called, so every rank of a sharded model takes
-    part in each forward (keep must then answer alike on every rank)."""
-    device = next(model.parameters()).device
+    part in each forward.
+
+    device: where the inputs go (None: where the model's first parameter is; under FSDP's CPU offload
+    that is CPU memory while the model computes on the GPU, so train.py passes its device). agree: under
+    a process group, a function that returns rank 0's (B,) tokens on every rank (train.py passes
+    broadcast_from_rank0). Every rank then stops each row at the same step, so all take the same number
+    of forwards, each a collective under FSDP and ZeRO-3, even if their logits ever differ in a bit."""
+    device = device or next(model.parameters()).device
     B, T = len(prompts), max(map(len, prompts))
     if min(map(len, prompts)) == 0:
         raise UserError("generate: every prompt needs at least one token")
@@ -58,6 +64,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
     new, done = [[] for _ in prompts], [False] * B
     for step in range(max_new_tokens):
         token = pick(logits.float(), temperature, top_k, top_p, generator)  # (B,)
+        if agree is not None:
+            token = agree(token).to(device)
         for row, t in enumerate(token.tolist()):
             if done[row] or t in eos:
                 done[row] = True

@@ -4,10 +4,11 @@ A padded micro-batch computes every row up to its longest row: on Alpaca-like da
 tokens, median 140) half the positions of a micro-batch of 8 are padding. A packed sequence holds rows
 back to back instead:
 
-    input_ids  a0 a1 a2 a3 b0 b1 c0 c1 c2 pad     a row of n tokens takes n - 1 positions: its last
-    labels     a1 a2 a3 a4 b1 b2 c1 c2 c3  -      token is only a target, so no target crosses a row
-    positions   0  1  2  3  0  1  0  1  2  0      rotary positions restart at each row
-    documents   0  0  0  0  1  1  2  2  2  3      attention stays inside a row (models/base.py, Context)
+    input_ids   a0 a1 a2 a3 b0 b1 c0 c1 c2 pad    a row of n tokens takes n - 1 positions: its last
+    labels      a1 a2 a3 a4 b1 b2 c1 c2 c3  -     token is only a target, so no target crosses a row
+    positions    0  1  2  3  0  1  0  1  2  0     rotary positions restart at each row
+    row_lengths  4           2     3        1     attention stays inside a row (models/base.py, Context);
+                                                  the padding is one more row
 
 so each row's loss and gradients are exactly those of the row alone (tests/test_packing.py). Rows are
 cut to max_seq_len + 1 tokens when the store is built, so every row fits a sequence.
@@ -60,22 +61,24 @@ def pack(lengths, seq_len, seed):
 
 
 def collate_packed(sequences, seq_len, pad_id):
-    """(B, seq_len) input_ids, labels, positions and documents of B sequences, each a list of rows
-    (data.Example, tokens and trained as lists or arrays). See the picture above."""
+    """(B, seq_len) input_ids, labels and positions of B sequences, each a list of rows (data.Example,
+    tokens and trained as lists or arrays), and (R,) row_lengths: every sequence's rows and padding,
+    one sequence after another (summing to B * seq_len). See the picture above. The lengths are
+    counted here, on the host, once per batch, so attention never copies them back from a GPU."""
     B = len(sequences)
     input_ids = np.full((B, seq_len), pad_id, dtype=np.int64)
     labels = np.full((B, seq_len), IGNORE, dtype=np.int64)
     positions = np.zeros((B, seq_len), dtype=np.int64)
-    documents = np.zeros((B, seq_len), dtype=np.int64)
+    row_lengths = []
     for b, rows in enumerate(sequences):
         t = 0
-        for d, ex in enumerate(rows):
+        for ex in rows:
             tokens, trained = np.asarray(ex.tokens), np.asarray(ex.trained, dtype=bool)
             n = len(tokens) - 1
             input_ids[b, t:t + n] = tokens[:-1]
             labels[b, t:t + n] = np.where(trained[1:], tokens[1:], IGNORE)
             positions[b, t:t + n] = np.arange(n)
-            documents[b, t:t + n] = d
+            row_lengths += [n] if n else []
             t += n
-        documents[b, t:] = len(rows)  # the padding after the last row is one more document
-    return tuple(torch.from_numpy(a) for a in (input_ids, labels, positions, documents))
+        row_lengths += [seq_len - t] if t < seq_len else []  # the padding after the last row
+    return (*(torch.from_numpy(a) for a in (input_ids, labels, positions)), torch.tensor(row_lengths))

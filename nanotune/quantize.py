@@ -16,10 +16,23 @@ import torch.nn as nn
 from nanotune import UserError
 
 
+# bitsandbytes logs this at every call of an int8 layer whose input is not fp16 (on CUDA in training and
+# evaluation, on a CPU in evaluation): a line per layer per forward. The cast is how LLM.int8() computes
+# (int8 activations, fp16 outliers: README), not news, so this one message is dropped and no other.
+CAST_WARNING = "MatMul8bitLt: inputs will be cast from %s to float16 during quantization"
+
+
+def not_the_cast_warning(record: logging.LogRecord) -> bool:
+    return record.msg != CAST_WARNING
+
+
 def _bitsandbytes():
     # On avx512_bf16 CPUs bitsandbytes logs at import that an optional kernel for its 4-bit inference
     # path is missing; quantize() turns that path off (see below), so the warning would only mislead.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    cast_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not_the_cast_warning not in cast_logger.filters:
+        cast_logger.addFilter(not_the_cast_warning)
     try:
         import bitsandbytes
     except ImportError:

@@ -111,11 +111,11 @@ def test_packed_rows_compile_once():
     eager, model = tiny(layers=2), compile_blocks(tiny(layers=2))
     ids, counts = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0)), []
     for split in (5, 9, 12):  # each sequence packs two rows: positions 0..split-1, then split..15
-        documents = (torch.arange(16) >= split).long().expand(2, 16)
-        positions = torch.arange(16) - split * documents
+        positions = torch.arange(16) - split * (torch.arange(16) >= split).long().expand(2, 16)
+        row_lengths = torch.tensor([split, 16 - split] * 2)
         with torch.compiler.set_stance(force_backend=count):
-            loss = model(ids, ids, positions, documents)
-        torch.testing.assert_close(loss, eager(ids, ids, positions, documents), rtol=1e-5, atol=0)
+            loss = model(ids, ids, positions, row_lengths)
+        torch.testing.assert_close(loss, eager(ids, ids, positions, row_lengths), rtol=1e-5, atol=0)
         counts.append(len(graphs))
     assert counts[0] > 0 and counts == counts[:1] * 3
 
@@ -176,7 +176,8 @@ def test_train_py_compile_matches_eager(tiny_model_dir, tiny_data, tmp_path):
 
 
 def test_deepspeed_is_refused_in_one_sentence():
-    args = Namespace(compile=True, load_in_8bit=False, load_in_4bit=False, fsdp_offload=False, precision="bf16")
+    args = Namespace(compile=True, load_in_8bit=False, load_in_4bit=False, fsdp_offload=False, precision="bf16",
+                     lora=True, adapter=None, lora_dtype="fp32")
     with pytest.raises(UserError, match="--compile is not offered with --strategy deepspeed"):
         check_combination(args, World(strategy="deepspeed"))
     check_combination(args, World(strategy="fsdp"))

@@ -47,6 +47,21 @@ def test_two_processes_match_one(tiny_model_dir, tiny_data, tmp_path, single, po
         assert "the adapter folded into the base" in proc.stdout and (out / "merged" / "model.safetensors").exists()
 
 
+def test_ranks_out_of_step_neither_hang_nor_time_out(tiny_model_dir, tiny_data, tmp_path):
+    """FSDP, --timeout 6 s: rank 0 writes the adapter 8 s longer than rank 1 (no rank may wait at a barrier
+    for it), and rank 1's generated tokens differ from rank 0's (every rank must take rank 0's, or the
+    exact-match rows stop at other steps and the ranks' forwards, collectives under FSDP, fall apart)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29947",
+           "tests/skewed_ranks.py", "--model", tiny_model_dir, "--data", tiny_data, "--out", out, "--max-steps", 2,
+           "--batch-size", 2, "--eval-exact-match", 6, "--strategy", "fsdp", "--timeout", 0.1]
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**CPU_ONLY, "SLOW_SAVE": "8"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("exact match") == 2 and (out / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_fsdp_full_fine_tune_saves_the_whole_model(tiny_model_dir, tiny_data, tmp_path):
     """With --grad-checkpoint too: recomputing a sharded block in the backward gathers it again."""
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"

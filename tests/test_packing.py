@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_config, train_here
 from nanotune.data import Batches, Example, collate, cut
 from nanotune.models import MODEL_TYPES
+from nanotune.models.base import Context
 from nanotune.models.gpt_neox import GPTNeoX
 from nanotune.packing import collate_packed, pack
 from nanotune.store import Store
@@ -52,9 +53,13 @@ def sequences(examples, seed=0):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_loss_and_gradients_equal_the_rows_alone(family):
+@pytest.mark.parametrize("way", ["per row", "masked"])
+def test_packed_loss_and_gradients_equal_the_rows_alone(family, way, monkeypatch):
     """The summed loss and every weight's gradient of one packed batch equal the sums over its rows, each
-    run alone through the plain (unpacked, unmasked) path, in fp32."""
+    run alone through the plain (unpacked, unmasked) path, in fp32. Both ways of attending: the CPU's,
+    a call per row, and the GPU's, one call with the block-diagonal mask (taken here on the CPU)."""
+    if way == "masked":
+        monkeypatch.setattr(Context, "packed", Context.masked)
     torch.manual_seed(0)
     model = FAMILIES[family]()
     examples = rows(model.config.vocab_size)
@@ -82,8 +87,8 @@ def test_no_row_sees_another(family):
     a, b, c = rows(model.config.vocab_size)[2:5]  # 6, 9 and 4 tokens: 5 + 8 + 3 = 16 positions
     b2 = Example(b.tokens[::-1], b.trained, [], "")
     with torch.no_grad():
-        logits, again = (model(ids, positions=pos, documents=docs)
-                         for ids, _, pos, docs in (collate_packed([seq], T, 0) for seq in ([a, b, c], [a, b2, c])))
+        logits, again = (model(ids, positions=pos, row_lengths=lengths)
+                         for ids, _, pos, lengths in (collate_packed([seq], T, 0) for seq in ([a, b, c], [a, b2, c])))
     assert torch.equal(logits[0, :5], again[0, :5]) and torch.equal(logits[0, 13:], again[0, 13:])
     assert not torch.allclose(logits[0, 5:13], again[0, 5:13])
 

@@ -10,7 +10,7 @@ from conftest import run_train, tiny_config, train_here, train_refused
 from nanotune import UserError
 from nanotune.lora import inject_lora
 from nanotune.models.gpt_neox import GPTNeoX
-from nanotune.precision import cast_frozen, resolve
+from nanotune.precision import cast_frozen, matmul_precision, resolve
 
 CPU = torch.device("cpu")
 
@@ -123,3 +123,16 @@ def test_contradicting_flags_are_one_sentence(tiny_model_dir, tiny_data, tmp_pat
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     else:
         assert message in train_refused(*args)
+
+
+def test_tf32_on_cuda_except_under_precision_32():
+    """--precision 32 is the exact mode (IEEE fp32 matmuls); the others let CUDA's fp32 matmuls use TF32.
+    Setting the flag needs no GPU; a CPU run leaves it alone."""
+    try:
+        matmul_precision(resolve("bf16", torch.device("cpu")), torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"  # torch's default, untouched
+        for name, expected in (("bf16", "high"), ("32", "highest"), ("bf16-true", "high"), ("16", "high")):
+            matmul_precision(resolve(name, torch.device("cuda")), torch.device("cuda"))
+            assert torch.get_float32_matmul_precision() == expected, name
+    finally:
+        torch.set_float32_matmul_precision("highest")

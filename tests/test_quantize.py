@@ -1,5 +1,6 @@
 """int8 / NF4 base weights under LoRA, on CPU: quantization against reference rounding, training,
 evaluation inside training, adapter export, dequantize + merge. Skipped without bitsandbytes."""
+import logging
 import sys
 
 import pytest
@@ -234,3 +235,14 @@ def test_codes_survive_a_dtype_cast(bits):
     with torch.no_grad():
         after = model(ids).float()
     assert rel_err(after, before) < 0.02  # bf16 norms and embeddings, against autocast's fp32 ones
+
+
+def test_int8_cast_warning_is_dropped_and_no_other(caplog):
+    """bitsandbytes logs 'inputs will be cast ... to float16' at every int8 call on fp32 input (here: a CPU
+    evaluation); that one message is dropped, other warnings of the same logger still come through."""
+    model = quantize(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), 8).eval()
+    with torch.no_grad():
+        model(torch.randn(3, 64))
+    logging.getLogger("bitsandbytes.autograd._functions").warning("another warning")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "another warning" in messages and not [m for m in messages if "inputs will be cast" in m]

@@ -193,3 +193,24 @@ def test_bad_paths_are_one_line_and_nonzero(tiny_model_dir, tiny_data, tmp_path)
     assert "holds an empty JSON array" in fails("--model", tiny_model_dir, "--data", tmp_path / "none.json",
                                                 "--out", tmp_path / "o")
     assert not os.path.exists(tmp_path / "o" / "adapter") and not os.path.exists(tmp_path / "o" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("version,flags,refused", [
+    ("2.11.0+cu130", ["--load-in-4bit", "--precision", "32"], "needs torch >= 2.12"),
+    ("2.12.0", ["--load-in-4bit", "--precision", "bf16"], None),
+    ("2.7.1", ["--precision", "bf16"], "needs torch >= 2.8"),
+    ("2.7.1", ["--precision", "bf16-true", "--lora-dtype", "bf16"], None),  # one dtype in every block
+    ("2.7.1", ["--precision", "bf16", "--no-lora"], None),  # everything trains, in fp32
+    ("2.8.0", ["--precision", "bf16"], None)])
+def test_fsdp_refuses_a_torch_too_old_for_it(monkeypatch, version, flags, refused):
+    """FSDP of 4-bit codes and of blocks mixing dtypes, against the running torch's version."""
+    from nanotune.checks import check_combination
+    from nanotune.distributed import World
+    monkeypatch.setattr(torch, "__version__", version)
+    args = train_script().parse_args(["--strategy", "fsdp", *flags])
+    if refused is None:
+        check_combination(args, World(strategy="fsdp"))
+        return
+    with pytest.raises(UserError, match=refused) as e:
+        check_combination(args, World(strategy="fsdp"))
+    assert f"this is torch {version};" in str(e.value) and "\n" not in str(e.value)

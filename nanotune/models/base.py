@@ -13,8 +13,7 @@ where its local-attention layers rotate by their own base, local_rotary: Gemma 3
 as block(x, ctx), and each attention layer hands its rotated q, k, v to ctx.attend (below), which
 knows what the family need not: which keys each query may see, and the generation cache.
 """
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -52,17 +51,17 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.head.weight = self.get_submodule(self.embed_path).weight
 
-    def hidden_states(self, input_ids, positions=None, documents=None, cache=None):
+    def hidden_states(self, input_ids, positions=None, row_lengths=None, cache=None):
         """(B, T) token ids -> (B, T, C) final-norm hidden states. Right padding needs no mask: causal
         attention never lets a real token see the pads that follow it. positions (B, T): each token's
-        position (None: 0..T-1); documents and cache: see Context."""
+        position (None: 0..T-1); row_lengths and cache: see Context."""
         x = self.embed(input_ids)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, T)
         cos, sin = self.rotary(positions, dtype)  # (B or 1, T, r) each
         local = [t[:, None] for t in self.local_rotary(positions, dtype)] if hasattr(self, "local_rotary") else None
-        ctx = Context(cos[:, None], sin[:, None], documents, cache, local)  # (B or 1, 1, T, r): broadcast over heads
+        ctx = Context(cos[:, None], sin[:, None], row_lengths, cache, local)  # (B or 1, 1, T, r): broadcast over heads
         for block in self.blocks:
             if self.grad_checkpoint and torch.is_grad_enabled():
                 # Keep only the block's input for the backward, which runs the block's forward again
@@ -72,13 +71,13 @@ class CausalLM(nn.Module):
                 x = block(x, ctx)
         return self.final_norm(x)
 
-    def forward(self, input_ids, labels=None, positions=None, documents=None, cache=None, logprobs=False):
+    def forward(self, input_ids, labels=None, positions=None, row_lengths=None, cache=None, logprobs=False):
         """Logits (B, T, V); or, given labels, the summed loss (nanotune.loss), or with logprobs=True each
         label's log-probability (B, T) (nanotune.objectives). Training goes through
         forward, not the loss directly, because DDP and FSDP hook the wrapped module's forward.
-        Packed rows (nanotune.packing) come with positions and documents, both (B, T). Generation
+        Packed rows (nanotune.packing) come with positions (B, T) and row_lengths (R,). Generation
         (nanotune.generate) passes a Cache and gets the last position's logits only, (B, V)."""
-        h = self.hidden_states(input_ids, positions, documents, cache)
+        h = self.hidden_states(input_ids, positions, row_lengths, cache)
         cap = self.final_logit_softcapping
         if labels is not None:
             return (token_logprobs if logprobs else summed_cross_entropy)(h, labels, self.head, softcap=cap)
@@ -95,15 +94,18 @@ class Context:
     """What every attention layer of one forward shares: the rotary tables of its tokens' positions,
     and how to attend.
 
-    cos, sin   (B or 1, 1, T, r): a head's q and k (B, nh, T, hs) rotate by them (the family knows how)
-    documents  (B, T) ids or None: packed rows (nanotune.packing), a query sees only keys of its own row
-    cache      a Cache or None: generation, the keys and values of the positions before these
-    local      (cos, sin) of the local-attention layers, where they rotate by their own base (Gemma 3)"""
+    cos, sin     (B or 1, 1, T, r): a head's q and k (B, nh, T, hs) rotate by them (the family knows how)
+    row_lengths  (R,) ints or None: packed rows (nanotune.packing), a query sees only keys of its own row.
+                 The lengths of the rows of the B sequences one after another (a sequence's padding is
+                 one more row), summing to B * T; the collate computes them on the host, once per batch
+    cache        a Cache or None: generation, the keys and values of the positions before these
+    local        (cos, sin) of the local-attention layers, where they rotate by their own base (Gemma 3)"""
     cos: torch.Tensor
     sin: torch.Tensor
-    documents: torch.Tensor = None
+    row_lengths: torch.Tensor = None
     cache: "Cache" = None
     local: tuple = None
+    masks: dict = field(default_factory=dict)  # packed rows on a GPU: window -> the block-diagonal mask
 
     def attend(self, module, q, k, v, window=None, scale=None, cap=None):
         """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs). With a
@@ -112,33 +114,53 @@ class Context:
         q k^T (None: 1 / sqrt(hs)); cap: attention-logit soft-capping, c tanh(s / c) (Gemma 2)."""
         if self.cache is not None:
             k, v = self.cache.update(module, k, v)
-        if self.documents is None:
+        if self.row_lengths is None:
             return causal(q, k, v, window, self.cache.real if self.cache is not None else None, scale, cap)
         return self.packed(q, k, v, window, scale, cap)
 
     @torch.compiler.disable  # under --compile, eager: the rows' lengths change every step (nanotune.compile)
     def packed(self, q, k, v, window, scale=None, cap=None):
-        # Packed rows: each row's own causal attention over contiguous copies of its q, k, v, rather than
-        # one call with a (B, 1, T, T) block-diagonal mask. Both are exact; on a CPU at 1024 positions of
-        # Alpaca rows this is 2.2-2.8x faster (BENCHMARKS.md): it skips the blocks between rows and keeps
-        # SDPA's fused causal kernel (GQA included). One split of the (B*T) positions: slicing each row
-        # out of q, k, v would cost a zero-filled full-size gradient per row in the backward.
-        B, T = self.documents.shape
-        rows = zip(*(x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]).split(self.row_lengths)
+        # Packed rows, two ways, both exact. On a CPU, each row's own causal attention over contiguous
+        # copies of its q, k, v: at 1024 positions of Alpaca rows 2.2-2.8x faster than one masked call
+        # (BENCHMARKS.md), as it skips the blocks between rows and keeps SDPA's fused causal kernel (GQA
+        # included). On a GPU a Python loop of R small calls per layer would leave it idle between
+        # launches (and the lengths would have to reach the host), so there it is one SDPA call with
+        # the block-diagonal mask, built once per forward on the device.
+        if q.device.type != "cpu":
+            return self.masked(q, k, v, window, scale, cap)
+        # One split of the (B*T) positions: slicing each row out of q, k, v would cost a zero-filled
+        # full-size gradient per row in the backward.
+        B, T = q.shape[0], q.shape[2]
+        rows = zip(*(x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]).split(self.row_lengths.tolist())
                      for x in (q, k, v)))  # per row: its (L, nh or nkv, hs) slices of q, k, v
         y = [causal(*(x.transpose(0, 1)[None].contiguous() for x in row), window, None, scale, cap)[0].transpose(0, 1)
              for row in rows]
         return torch.cat(y).view(B, T, q.shape[1], q.shape[3]).transpose(1, 2)
 
-    @cached_property
-    def row_lengths(self):
-        """The length of each packed row, the B sequences one after another (a sequence's padding is one
-        more row): computed on the CPU once per forward, not per layer."""
-        documents = self.documents.cpu()
-        starts = torch.ones_like(documents, dtype=torch.bool)  # a row starts at each sequence's first position
-        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]  # and wherever the document changes
-        starts = starts.flatten().nonzero().flatten().tolist() + [documents.numel()]
-        return [end - start for start, end in zip(starts, starts[1:])]
+    def masked(self, q, k, v, window, scale=None, cap=None):
+        """Packed rows' attention as one SDPA call with the block-diagonal mask (the GPU's way)."""
+        if cap is not None:  # soft-capped logits (Gemma 2): SDPA has none, so written out as in causal
+            return capped(q, k, v, self.block_diagonal(q, window) == 0, scale, cap)
+        if q.shape[1] != k.shape[1]:  # with a mask, CUDA runs GQA only in its slow math kernel (see causal)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.block_diagonal(q, window), scale=scale)
+
+    def block_diagonal(self, q, window):
+        """(B, 1, T, T) additive mask in q's dtype: 0 where query i may see key j (one row, j <= i, within
+        the window), -inf elsewhere. Built from row_lengths on the device without a copy to the host
+        (output_size tells repeat_interleave the total), once per forward for each window; B * T * T
+        elements (8 x 4096 positions: 134M, 268 MB in bf16)."""
+        if window not in self.masks:
+            B, T = q.shape[0], q.shape[2]
+            rows = torch.arange(len(self.row_lengths), device=q.device)
+            row = rows.repeat_interleave(self.row_lengths.to(q.device), output_size=B * T).view(B, T)  # row id
+            i = torch.arange(T, device=q.device)[:, None]
+            j = torch.arange(T, device=q.device)[None, :]
+            seen = (row[:, :, None] == row[:, None, :]) & (j <= i) & ((i - j < window) if window is not None else True)
+            self.masks[window] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~seen, -float("inf"))[:, None]
+        return self.masks[window]
 
 
 def causal(q, k, v, window=None, real=None, scale=None, cap=None):
