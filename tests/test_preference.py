@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import alpaca_rows, run_torchrun, train_here, train_refused
 from nanotune import UserError
-from nanotune.data import encode, load_examples, pair_turns, turns
+from nanotune.data import encode, load_examples, main as data_main, pair_turns, turns
 from nanotune.loss import IGNORE, token_logprobs
 from nanotune.lora import load_adapter
 from nanotune.models import from_pretrained
@@ -92,7 +92,7 @@ def test_token_logprobs_and_gradients_match_log_softmax(wrapped_head):
     torch.testing.assert_close(grads[1], head.weight.grad)
 
 
-def test_pair_formats_are_the_sft_rows_of_the_conversation(tmp_path, alpaca, tiny_model_dir):
+def test_pair_formats_are_the_sft_rows_of_the_conversation(tmp_path, alpaca, tiny_model_dir, capsys):
     """TRL's strings and messages, LLaMA-Factory's Alpaca and ShareGPT: the same pair, the same ids; the
     chosen row is the SFT row of the conversation ending in it, trained on its final answer (and EOS)."""
     history = [{"from": "human", "value": "cat dog"}, {"from": "gpt", "value": "dog cat"},
@@ -120,8 +120,10 @@ def test_pair_formats_are_the_sft_rows_of_the_conversation(tmp_path, alpaca, tin
             assert read[name][k] == (ex.tokens, ex.trained)
             trained = [t for t, keep in zip(ex.tokens, ex.trained) if keep]
             assert alpaca.tokenizer.decode(trained[:-1]) == answer and trained[-1] == 0  # the answer and EOS
-    store = load_examples(str(tmp_path / "sharegpt.json"), alpaca, 256, pairs=True)
-    assert len(store) == 2
+    capsys.readouterr()
+    data_main(["--model", tiny_model_dir, "--data", str(tmp_path / "sharegpt.json"), "--show", "1"])
+    shown = capsys.readouterr().out
+    assert shown.startswith("chosen:\n") and "\nrejected:\n" in shown and "[[blue<|endoftext|>]]" in shown
 
 
 @pytest.mark.parametrize("row,message", [
@@ -261,6 +263,7 @@ def test_resume_is_bitwise(tiny_model_dir, pairs_file, tmp_path):
     train_here(*common, "--out", full)
     os.makedirs(again)
     shutil.copytree(full / "checkpoints" / "step-2", again / "checkpoints" / "step-2")
+    assert "reference.safetensors is missing" in train_refused(*common, "--out", again, "--resume")
     shutil.copy(full / "reference.safetensors", again)
     assert "resumed from" in train_here(*common, "--out", again, "--resume")
     name = "adapter/adapter_model.safetensors"
