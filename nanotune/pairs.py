@@ -14,11 +14,13 @@ pairs (attach_reference): no second model is held and no step runs a second forw
 reads them from OUT/reference.safetensors instead, since its model has moved on.
 """
 import math
+import os
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from nanotune import UserError
 from nanotune.data import Batches, Example, collate, encode, pair_turns, rows_at
 from nanotune.distributed import all_reduce_sum
 from nanotune.objectives import FIGURES, row_logps
@@ -31,9 +33,7 @@ class Pairs:
     def __init__(self, store, index=None, reference=None):
         self.store, self.reference = store, reference
         self.index = np.arange(len(store) // 2) if index is None else np.asarray(index, dtype=np.int64)
-        chosen, rejected = 2 * self.index, 2 * self.index + 1
-        self.lengths = store.lengths[chosen] + store.lengths[rejected]  # (pairs,)
-        self.targets = store.targets[chosen]  # (pairs,): ORPO's SFT term is a mean over the chosen answers' tokens
+        self.targets = store.targets[2 * self.index]  # (pairs,) the chosen answers' tokens: ORPO's SFT term's count
 
     def __len__(self):
         return len(self.index)
@@ -116,6 +116,10 @@ def save_reference(path, train, val):
 
 
 def load_reference(path, train, val):
+    if not os.path.exists(path):
+        raise UserError(f"--resume: {path} is missing: it holds the reference log-probs the run computed before "
+                        "step 1, which a resumed run cannot compute again (its model has moved on); copy it beside "
+                        "the checkpoints, or train again from step 0")
     saved = load_file(path)
     train.reference = saved["train"]
     if val:

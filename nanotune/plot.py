@@ -3,8 +3,8 @@
 Against the optimizer step: the training loss and the held-out loss (top panel), the gradient norm
 before clipping (middle) and the learning rate (bottom); the title gives the held-out loss and the
 exact match before and after training. A preference run (--objective dpo, ...) adds two panels: the
-share of pairs whose chosen answer has the higher reward, and the mean reward margin. One run is drawn to OUT/loss.png, which train.py also writes
-at the end of every run; several runs, one colour each, to --out (default: runs.png), to compare
+share of pairs whose chosen answer has the higher reward, and the mean reward margin. One run is drawn
+to OUT/loss.png, which train.py also writes at the end of every run; several runs, one colour each, to --out (default: runs.png), to compare
 them. matplotlib is an optional extra (pip install nanotune[plot]), imported only here.
 """
 import argparse
