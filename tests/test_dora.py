@@ -265,8 +265,9 @@ def test_adapter_continues_a_dora_adapter_and_resumes_bitwise(tiny_model_dir, ti
     assert "lora_magnitude_vector" in "".join(load_file(tmp_path / "next" / name))
 
 
-def test_use_dora_with_a_plain_lora_adapter_is_refused(tiny_model_dir, tiny_data, tmp_path):
+def test_use_dora_with_a_plain_lora_adapter_or_without_lora_is_refused(tiny_model_dir, tiny_data, tmp_path):
     save_adapter(inject_lora(from_pretrained(tiny_model_dir)), tmp_path / "plain")
-    message = train_refused("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o",
-                            "--adapter", tmp_path / "plain", "--use-dora")
+    common = ["--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--use-dora"]
+    message = train_refused(*common, "--adapter", tmp_path / "plain")
     assert message.startswith("--use-dora True contradicts the adapter's use_dora = False")
+    assert train_refused(*common, "--no-lora").startswith("--use-dora trains a DoRA adapter, and --no-lora")
