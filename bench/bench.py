@@ -297,7 +297,8 @@ def build_hf(args, path, device, name):
     if args.grad_checkpoint:  # non-reentrant, as nanotune's: no need for inputs that require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora:  # peft keeps the adapter in fp32 over a bf16 base (autocast_adapter_dtype=True)
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout,
                                                  target_modules=list(FAMILIES[args.family].lora_targets),
                                                  use_dora=name.endswith("-dora"), task_type="CAUSAL_LM"))
     else:
@@ -462,7 +463,8 @@ def main(args):
             import transformers  # noqa: F401
         except ImportError:
             sys.exit("--compare-hf needs transformers and peft: pip install transformers peft")
-        names += list(hf_variants(args, device)) + ([f"{n}-dora" for n in hf_variants(args, device)] if args.dora else [])
+        variants = list(hf_variants(args, device))
+        names += variants + ([f"{n}-dora" for n in variants] if args.dora else [])
     with tempfile.TemporaryDirectory() as tmp:
         args.model_dir = tmp
         write_model(args, tmp)

@@ -55,6 +55,8 @@ def check_args(args):
         raise UserError("a quantized base cannot be trained in full; drop --no-lora or the --load-in-* flag")
     if args.double_quant and not args.load_in_4bit:
         raise UserError("--double-quant applies to --load-in-4bit only")
+    if args.use_dora and not (args.lora or args.adapter):
+        raise UserError("--use-dora trains a DoRA adapter, and --no-lora trains every weight instead; drop one of them")
     if args.merge and not (args.lora or args.adapter):
         raise UserError("--merge folds a LoRA adapter into the base; a full fine-tune (--no-lora) writes the whole "
                         "model already, so drop --merge")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import make_tokenizer, train_here, train_refused, trajectory
 from nanotune.lora import DoRALinear, inject_lora, load_adapter, merge, save_adapter, unload, unmerge
 from nanotune.models import from_pretrained
+from nanotune.precision import cast_frozen, resolve
 from nanotune.quantize import quantize
 from test_llama import config_json, make_folder, token_ids
 
@@ -265,8 +266,21 @@ def test_adapter_continues_a_dora_adapter_and_resumes_bitwise(tiny_model_dir, ti
     assert "lora_magnitude_vector" in "".join(load_file(tmp_path / "next" / name))
 
 
-def test_use_dora_with_a_plain_lora_adapter_is_refused(tiny_model_dir, tiny_data, tmp_path):
+def test_use_dora_with_a_plain_lora_adapter_or_without_lora_is_refused(tiny_model_dir, tiny_data, tmp_path):
     save_adapter(inject_lora(from_pretrained(tiny_model_dir)), tmp_path / "plain")
-    message = train_refused("--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o",
-                            "--adapter", tmp_path / "plain", "--use-dora")
+    common = ["--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--use-dora"]
+    message = train_refused(*common, "--adapter", tmp_path / "plain")
     assert message.startswith("--use-dora True contradicts the adapter's use_dora = False")
+    assert train_refused(*common, "--no-lora").startswith("--use-dora trains a DoRA adapter, and --no-lora")
+
+
+def test_bf16_true_keeps_the_magnitudes_in_the_adapters_dtype(tiny_model_dir):
+    """bf16-true casts the base, not the adapter: the magnitudes stay fp32 beside lora_A and lora_B (FSDP
+    needs one dtype for what a block trains)."""
+    model = inject_lora(from_pretrained(tiny_model_dir), dora=True)
+    model = cast_frozen(model, resolve("bf16-true", torch.device("cpu")))
+    layer = model.gpt_neox.layers[0].attention.query_key_value
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
+    model(torch.randint(0, 320, (1, 5)), torch.randint(0, 320, (1, 5))).backward()
+    assert layer.lora_magnitude_vector.grad.dtype == torch.float32

@@ -211,16 +211,17 @@ def test_loss_sum_matches_cross_entropy_of_the_logits(setup):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("lora", ["lora", "dora", None])
 def test_grad_checkpoint_keeps_less_and_changes_no_gradient(lora):
     """--grad-checkpoint: the tensors the forward keeps for the backward (seen through
     saved_tensors_hooks) shrink to a fraction, and every gradient is the same, LoRA's dropout
-    included (the recomputed forward replays the same random mask)."""
+    included (the recomputed forward replays the same random mask; DoRA's own recomputed W x nests
+    inside the block's)."""
     def run(checkpointed):
         torch.manual_seed(0)
         model = GPTNeoX(tiny_config(num_hidden_layers=4))
         if lora:
-            inject_lora(model, ["query_key_value", "dense"], r=4, alpha=8, dropout=0.3)
+            inject_lora(model, ["query_key_value", "dense"], r=4, alpha=8, dropout=0.3, dora=lora == "dora")
         else:
             model.requires_grad_(True)
         model.grad_checkpoint = checkpointed
