@@ -24,8 +24,7 @@ def test_global_batch_derives_the_accumulation(tiny_model_dir, tiny_data, tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", 4, "--global-batch", 6], "--global-batch 6 is not a multiple of --batch-size 4 x 1 process(es) "
-     "= 4 rows; choose a multiple of 4 (for a job whose process count changes, one that every count it may run on "
-     "divides)"),
+     "= 4 rows; choose a multiple of 4 (for an elastic job, of --batch-size x each process count it may run on)"),
     (["--batch-size", 4, "--global-batch", 2], "--global-batch 2 is not a multiple of --batch-size 4 x 1"),
     (["--global-batch", 0], "--global-batch must be >= 1, got 0"),
     (["--global-batch", 8, "--grad-accum", 2], "--global-batch 8 sets --grad-accum itself (global batch / "
