@@ -55,8 +55,8 @@ def grad_accum_for(global_batch, micro_batch, world_size, grad_accum):
     per_pass = micro_batch * world_size
     if global_batch % per_pass:
         raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {micro_batch} x "
-                        f"{world_size} process(es) = {per_pass} rows; choose a multiple of {per_pass} (for a job "
-                        "whose process count changes, one that every count it may run on divides)")
+                        f"{world_size} process(es) = {per_pass} rows; choose a multiple of {per_pass} (for an "
+                        "elastic job, of --batch-size x each process count it may run on)")
     return global_batch // per_pass
 
 

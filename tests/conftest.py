@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -133,3 +134,22 @@ def trajectory(out):
     """The training and evaluation losses a run logged, in order."""
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return [r.get("loss", r.get("eval_loss")) for r in rows]
+
+
+@contextlib.contextmanager
+def marked(env):
+    """`env` plus a mark that every process started with it, and each of their children, inherits;
+    on leaving, whatever of them is still running is SIGKILLed, however the test ended. torchrun
+    starts its workers in sessions of their own, so ending an agent (or its process group) would
+    leave them running. Finds them through /proc (Linux; elsewhere it ends nothing)."""
+    mark = f"{os.getpid()}-{random.getrandbits(48)}"
+    try:
+        yield {**env, "NANOTUNE_TEST_MARK": mark}
+    finally:
+        for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if f"NANOTUNE_TEST_MARK={mark}\0".encode() in f.read():
+                        os.kill(int(pid), signal.SIGKILL)
+            except OSError:  # gone meanwhile, or not ours to read
+                pass

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CPU_ONLY, ROOT, train_here, train_refused
+from conftest import CPU_ONLY, ROOT, marked, train_here, train_refused
 
 
 def test_global_batch_derives_the_accumulation(tiny_model_dir, tiny_data, tmp_path):
@@ -24,8 +24,7 @@ def test_global_batch_derives_the_accumulation(tiny_model_dir, tiny_data, tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", 4, "--global-batch", 6], "--global-batch 6 is not a multiple of --batch-size 4 x 1 process(es) "
-     "= 4 rows; choose a multiple of 4 (for a job whose process count changes, one that every count it may run on "
-     "divides)"),
+     "= 4 rows; choose a multiple of 4 (for an elastic job, of --batch-size x each process count it may run on)"),
     (["--batch-size", 4, "--global-batch", 2], "--global-batch 2 is not a multiple of --batch-size 4 x 1"),
     (["--global-batch", 0], "--global-batch must be >= 1, got 0"),
     (["--global-batch", 8, "--grad-accum", 2], "--global-batch 8 sets --grad-accum itself (global batch / "
@@ -43,7 +42,6 @@ STEPS = ["--max-steps", 10, "--batch-size", 2, "--global-batch", 4, "--lora-drop
          "--eval-every", 0, "--eval-exact-match", 0, "--val-fraction", 0, "--save-every", 2]
 RDZV_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt=3"
 LAUNCH, TRAIN = os.path.join(ROOT, "launch.sh"), os.path.join(ROOT, "train.py")
-needs_proc = pytest.mark.skipif(not os.path.isdir("/proc"), reason="ends its processes through /proc (Linux)")
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +54,14 @@ def reference(tiny_model_dir, tiny_data, tmp_path_factory):
 
 class Nodes:
     """Nodes of one elastic job (NNODES=1:2, one process each, up to 2 at a time), started as `./launch.sh`
-    would be on each machine; every process they start carries a mark in its environment, so that end() can find and end
-    them all, workers included (torchrun starts those in sessions of their own)."""
+    would be on each machine, with `env` from conftest.marked (which ends them all, workers included)."""
 
-    def __init__(self, port, folder):
-        self.port, self.folder, self.mark = port, folder, f"{os.getpid()}-{port}"
-        self.env = {**CPU_ONLY, "OMP_NUM_THREADS": "1", "NNODES": "1:2", "NPROC_PER_NODE": "1", "MAX_RESTARTS": "1",
+    def __init__(self, port, folder, env):
+        self.folder = folder
+        self.env = {**env, "OMP_NUM_THREADS": "1", "NNODES": "1:2", "NPROC_PER_NODE": "1", "MAX_RESTARTS": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_ADDR": "127.0.0.1",
                     "RDZV_ID": f"test-{port}", "RDZV_CONF": RDZV_CONF, "PYTHON": sys.executable,
-                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-                    "NANOTUNE_TEST_NODES": self.mark}
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 
     def start(self, rank, args, script=None, **env):
         """Node `rank`'s launch.sh; with `script`, the torchrun command launch.sh prints, running script in
@@ -84,16 +80,6 @@ class Nodes:
     def log(self):
         return "".join(log.read_text() for log in sorted(self.folder.glob("node*.log")))
 
-    def end(self):
-        """SIGKILL every process this job started that is still there."""
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if f"NANOTUNE_TEST_NODES={self.mark}\0".encode() in f.read():
-                        os.kill(int(pid), signal.SIGKILL)
-            except OSError:  # gone meanwhile, or not ours to read
-                pass
-
 
 def close_to(out, reference):
     """The job's adapter equals the uninterrupted run's within 1e-5: the same rows in every step, summed
@@ -104,7 +90,6 @@ def close_to(out, reference):
         torch.testing.assert_close(mine[key], ref[key], atol=1e-5, rtol=0)
 
 
-@needs_proc
 def test_a_node_dies_then_another_joins(tiny_model_dir, tiny_data, tmp_path, reference):
     """One job, both scenarios (each run of a node costs seconds of start-up):
     1. Nodes 0 and 1 train; node 1 (its agent and its worker) dies by SIGKILL as it starts checkpoint 4.
@@ -114,9 +99,10 @@ def test_a_node_dies_then_another_joins(tiny_model_dir, tiny_data, tmp_path, ref
        agent stops its worker with SIGTERM, which checkpoints step 7, and the job ends on nodes 0 and 2.
     Node 0 hosts the rendezvous; nodes 0 and 1 run the torchrun command launch.sh prints, with a test
     double of train.py, node 2 runs launch.sh itself."""
-    out, nodes = tmp_path / "out", Nodes(29871, tmp_path)
+    out = tmp_path / "out"
     args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", out, *STEPS]
-    try:
+    with marked(CPU_ONLY) as env:
+        nodes = Nodes(29871, tmp_path, env)
         first = nodes.start(0, args, "tests/hold_at_save.py", HOLD_AT_STEP="6")
         second = nodes.start(1, args, "tests/kill_at_save.py", KILL_AT_STEP="4", KILL_NODE="1")
         assert second.wait(timeout=240) == -signal.SIGKILL, nodes.log()
@@ -126,8 +112,6 @@ def test_a_node_dies_then_another_joins(tiny_model_dir, tiny_data, tmp_path, ref
             time.sleep(0.1)
         third = nodes.start(2, args)
         assert first.wait(timeout=240) == 0 and third.wait(timeout=60) == 0, nodes.log()
-    finally:
-        nodes.end()
     log = nodes.log()
     assert f"--resume: no checkpoint in {out} yet, starting from step 0" in log  # launch.sh's --resume, first start
     # Numbered by the run's own count ("restart 1", "restart 2"); should node 1 come late to the first

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import CPU_ONLY, ROOT, train_here, train_refused
+from conftest import CPU_ONLY, ROOT, marked, train_here, train_refused
 from nanotune.elastic import PREEMPTED
 
 STEPS = ["--max-steps", 12, "--batch-size", 2, "--log-every", 1, "--eval-every", 4, "--eval-exact-match", 0,
@@ -25,13 +25,14 @@ def losses(out):
             for r in rows]
 
 
-def killed_at_save(cmd, step):
+def killed_at_save(cmd, step, env=CPU_ONLY):
     """Run cmd (tests/kill_at_save.py, alone or under torchrun), whose rank 0 SIGKILLs itself as it starts
-    to write checkpoint `step`: the run must have died of that kill."""
+    to write checkpoint `step`: the run must have died of that kill. Returns the finished process."""
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**CPU_ONLY, "OMP_NUM_THREADS": "1", "KILL_AT_STEP": str(step)})
+                          env={**env, "OMP_NUM_THREADS": "1", "KILL_AT_STEP": str(step)})
     alone = proc.returncode == -signal.SIGKILL
     assert alone or (proc.returncode == 1 and "Signal 9 (SIGKILL) received by PID" in proc.stderr), proc.stderr
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,9 @@ def torchrun(port, script, out, flags, *more):
 @pytest.fixture(scope="module")
 def ddp_uninterrupted(tiny_model_dir, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "out"
-    subprocess.run(torchrun(29811, "train.py", out, ["--model", tiny_model_dir, "--data", tiny_data]), cwd=ROOT,
-                   check=True, capture_output=True, env=CPU_ONLY, timeout=300)
+    with marked(CPU_ONLY) as env:
+        subprocess.run(torchrun(29811, "train.py", out, ["--model", tiny_model_dir, "--data", tiny_data]), cwd=ROOT,
+                       check=True, capture_output=True, env=env, timeout=300)
     return out
 
 
@@ -69,22 +71,12 @@ def same_run(out, reference):
     assert losses(out) == losses(reference)
 
 
-def test_ddp_sigkill_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path, ddp_uninterrupted):
-    out, flags = tmp_path / "out", ["--model", tiny_model_dir, "--data", tiny_data]
-    killed_at_save(torchrun(29812, "tests/kill_at_save.py", out, flags), 9)
-    proc = subprocess.run(torchrun(29813, "train.py", out, flags, "--resume"), cwd=ROOT, capture_output=True,
-                          text=True, env=CPU_ONLY, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6" in proc.stdout
-    same_run(out, ddp_uninterrupted)
-
-
-def stopped_by_signal(cmd, step, signal_name, rank):
+def stopped_by_signal(cmd, step, signal_name, rank, env=CPU_ONLY):
     """Run cmd (tests/signal_at_step.py, alone or under torchrun), whose rank `rank` sends itself `signal_name`
     as it starts step `step`, and SIGTERM and SIGUSR1 again while it writes that step's checkpoint: the run
     must checkpoint the step, complete, and stop with PREEMPTED; returns its (exit status, stdout, stderr)."""
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**CPU_ONLY, "OMP_NUM_THREADS": "1", "SIGNAL_AT_STEP": str(step),
+                          env={**env, "OMP_NUM_THREADS": "1", "SIGNAL_AT_STEP": str(step),
                                "SIGNAL_RANK": str(rank), "SIGNAL": signal_name})
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -108,20 +100,26 @@ def test_sigterm_checkpoints_the_step_then_resume_is_bit_identical(tiny_model_di
     same_run(out, uninterrupted)
 
 
-def test_ddp_sigusr1_to_one_rank_stops_both_then_resume_is_bit_identical(tiny_model_dir, tiny_data, tmp_path,
+def test_ddp_stopped_by_sigusr1_then_killed_then_resumed_is_bit_identical(tiny_model_dir, tiny_data, tmp_path,
                                                                           ddp_uninterrupted):
-    step = random.randint(1, 11)
+    """DDP x2, three runs in one --out (each torchrun run costs seconds): SIGUSR1 to rank 1 alone at a random
+    step stops both ranks after it, with its checkpoint; the run resumed from it has its rank 0 SIGKILLed as
+    it starts checkpoint 9; the last one resumes from step-6 and ends byte-for-byte like the uninterrupted run."""
+    step = random.randint(1, 5)  # before checkpoint 6, which the second run writes
     out, flags = tmp_path / "out", ["--model", tiny_model_dir, "--data", tiny_data]
-    code, stdout, stderr = stopped_by_signal(torchrun(29814, "tests/signal_at_step.py", out, flags), step,
-                                             "SIGUSR1", 1)
     checkpoint = out / "checkpoints" / f"step-{step}"
-    assert code != 0 and stderr.count(f"exitcode  : {PREEMPTED} ") == 2, (step, stderr)  # both ranks
-    assert (f"stopped by a signal to another rank after step {step}, checkpoint {checkpoint}: continue with "
-            f"--resume --out {out}") in stdout
-    proc = subprocess.run(torchrun(29815, "train.py", out, flags, "--resume"), cwd=ROOT, capture_output=True,
-                          text=True, env=CPU_ONLY, timeout=300)
+    with marked(CPU_ONLY) as env:  # ends the workers of a run that timed out
+        code, stdout, stderr = stopped_by_signal(torchrun(29812, "tests/signal_at_step.py", out, flags), step,
+                                                 "SIGUSR1", 1, env)
+        assert code != 0 and stderr.count(f"exitcode  : {PREEMPTED} ") == 2, (step, stderr)  # both ranks
+        assert (f"stopped by a signal to another rank after step {step}, checkpoint {checkpoint}: continue with "
+                f"--resume --out {out}") in stdout
+        killed = killed_at_save(torchrun(29813, "tests/kill_at_save.py", out, flags, "--resume"), 9, env)
+        assert f"resumed from {checkpoint} at step {step}" in killed.stdout
+        proc = subprocess.run(torchrun(29814, "train.py", out, flags, "--resume"), cwd=ROOT, capture_output=True,
+                              text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert f"resumed from {checkpoint} at step {step}" in proc.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step-6'} at step 6" in proc.stdout
     same_run(out, ddp_uninterrupted)
 
 
