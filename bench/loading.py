@@ -115,7 +115,8 @@ def run(name, path, out, device, processes):
     cmd = [*launch, os.path.abspath(__file__), "--worker", "--model", path, "--data", os.path.join(path, "data.jsonl"),
            "--out", out, "--overwrite", "--device", device, "--max-steps", "1", "--val-fraction", "0",
            "--eval-exact-match", "0", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

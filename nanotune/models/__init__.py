@@ -133,8 +133,8 @@ class Weights:
                         if tuple(tensor.get_shape()) != tuple(expected[key]):
                             raise UserError(f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, but "
                                             f"config.json implies {tuple(expected[key])}")
-                        self.files[key] = file  # F64, rare, is read as fp32
-                        self.dtypes[key] = SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)
+                        self.files[key] = file
+                        self.dtypes[key] = SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)  # F64 too
             except (OSError, SafetensorError) as e:
                 raise UserError(f"{file} cannot be read as safetensors ({e}); the file is damaged or incomplete, "
                                 "so copy or download it again") from None
