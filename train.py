@@ -180,15 +180,16 @@ def train(args, world, stop):
     # Model: built on the meta device, then each weight read from the checkpoint into the form it is kept
     # in: a quantized base Linear by Linear, the rest cast as it is read (precision.load_dtype).
     bits = quant_bits(args)
-    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta")
+    model = from_pretrained(args.model, num_layers=args.num_layers, device="meta", dtype=load_dtype(precision))
     model.grad_checkpoint = args.grad_checkpoint
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     template = load_template(args.template, args.model, tokenizer)
     if bits:  # before LoRA, so each LoRALinear wraps a quantized base layer. Every rank (FSDP too) reads
         # and quantizes each Linear in turn: the same codes from the same weights, one fp32 Linear at a time.
         quantize(model, bits, precision.compute_dtype, args.double_quant, device=world.device)
-    if load_device(world, bits) != "meta":  # FSDP ranks read only their own shards, once sharded (wrap)
-        load_weights(model, load_dtype(precision), load_device(world, bits))
+    where = load_device(world, bits, args.zero_stage)
+    if where != "meta":  # FSDP and ZeRO-3 ranks read only their own shards, once the model is sharded (wrap)
+        load_weights(model, where)
     adapt(model, args, precision)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -393,7 +394,7 @@ def wrap(model, args, world, precision, checkpoint):
     if world.strategy == "fsdp":  # shards the model on the meta device, then each rank reads its shards
         model = wrap_fsdp(model, world, args.fsdp_sharding, args.fsdp_prefetch, args.fsdp_offload,
                           precision.autocast_dtype)
-    else:
+    elif world.strategy != "deepspeed" or args.zero_stage != 3:  # ZeRO-3 reads and partitions it (wrap_deepspeed)
         model = model.to(world.device)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharded under FSDP
     optimizer = torch.optim.AdamW([p for _, p in named_trainable], lr=args.lr, weight_decay=args.weight_decay)

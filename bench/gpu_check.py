@@ -19,7 +19,7 @@ and targets mean nothing. --parts picks parts by name, e.g. to finish what a sho
 The GPU machine has torch, transformers and peft but no bitsandbytes, and no network: --make-carry
 copies this interpreter's bitsandbytes into a folder (only its CPU and CUDA 13 libraries, as that
 machine's torch is cu130: 8 MB), which travels as an ignored path; this script puts build/gpu_site
-on the children's PYTHONPATH when it is there. No part needs deepspeed.
+on the children's PYTHONPATH when it is there. Only load-zero3-1b needs deepspeed (skipped without it).
 """
 import argparse
 import contextlib
@@ -243,6 +243,40 @@ def generate_command(run):
     return cmd + SHAPES["neox-1.4b"][:6] + ["--rounds", "3"]
 
 
+LOAD_SHAPES = {  # bench/loading.py flags: a bf16 Llama-shape checkpoint written on the machine
+    "llama-13b": ["--hidden", "5120", "--layers", "40", "--heads", "40", "--kv-heads", "40", "--intermediate", "13824"],
+    "llama-1b": ["--hidden", "2048", "--layers", "16", "--heads", "32", "--kv-heads", "8", "--intermediate", "8192",
+                 "--vocab", "128256"],
+    "tiny": ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
+             "--vocab", "512"]}
+LOAD_BOUND = 1.1  # peak CUDA memory while loading / the checkpoint's bytes N: what a process keeps, and one tensor
+
+
+def loading_command(shape, *runs):
+    """bench/loading.py: peak memory while train.py loads a bf16 checkpoint, per process; FSDP and ZeRO-3
+    with one process per GPU (on a 1-GPU lease a rank holds every shard, but the sharded load runs on CUDA)."""
+    def command(run):
+        if "zero3" in runs and not run.has("deepspeed"):
+            raise Skip("deepspeed is not importable here (the GPU machine has none)")
+        import torch
+        processes = 2 if run.tiny else max(1, torch.cuda.device_count())
+        return [run.python, os.path.join(HERE, "loading.py"), "--device", run.device, "--runs", *runs,
+                "--processes", str(processes), *LOAD_SHAPES["tiny" if run.tiny else shape]]
+    return command
+
+
+def loading_check(run, figures):
+    """Every process's peak CUDA memory while loading, against the checkpoint's bytes (shards are 1/world
+    of it): a 13B bf16 model must load on one 80 GB GPU for a LoRA run, so no fp32 copy may exist."""
+    out = {}
+    for name, reports in figures.get("runs", {}).items():
+        for r in reports:
+            world = len(reports) if name in ("fsdp", "zero3") else 1
+            out[f"{name} rank {r['rank']} CUDA peak / (N / {world})"] = target(
+                None if r["cuda_per_n"] is None else r["cuda_per_n"] * world, "<=", LOAD_BOUND)
+    return out
+
+
 # ---- reading the output, and the targets -----------------------------------------------------------------
 
 def json_line(output):
@@ -334,6 +368,9 @@ PARTS = [  # cheapest and most important first
          hf_check(speed=False)),
     Part("generate", 40, 150, generate_command),
     Part("qdora-1.4b", 90, 240, qdora_command),
+    Part("load-13b", 120, 420, loading_command("llama-13b", "bf16-true", "bf16-mixed"), loading_check),
+    Part("load-fsdp-1b", 30, 120, loading_command("llama-1b", "fsdp"), loading_check),
+    Part("load-zero3-1b", 30, 120, loading_command("llama-1b", "zero3"), loading_check),
 ]
 
 

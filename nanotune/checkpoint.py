@@ -126,11 +126,16 @@ def my_pieces(named_trainable, optimizer, world):
 
 def restore_weights(path, named_trainable):
     """Only the trainable weights, whole on every rank: DeepSpeed builds its fp32 partitions from the
-    weights it is given, so they are restored before the engine exists."""
+    weights it is given, so they are restored before the engine exists. One still on the meta device
+    (ZeRO-3 reads the base as it partitions it) becomes the restored tensor, and is not read from the base."""
     with damaged(path), Pieces(path) as pieces:
         with torch.no_grad():
             for name, p in named_trainable:
-                p.copy_(pieces.mine(f"param.{name}", p))
+                if p.is_meta:
+                    t = pieces.mine(f"param.{name}", p).to(p.dtype)
+                    torch.utils.swap_tensors(p, torch.nn.Parameter(t, requires_grad=True))
+                else:
+                    p.copy_(pieces.mine(f"param.{name}", p))
 
 
 def restore(path, model, world, named_trainable, optimizer, scaler) -> int:

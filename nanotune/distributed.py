@@ -118,12 +118,13 @@ def dist_device():
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
 
 
-def load_device(world: World, quantized: bool):
-    """Where the checkpoint is read. Under FSDP nowhere yet: every rank keeps the model on the meta device
-    and reads only its own shards once it is sharded (wrap_fsdp). A quantized base is read into CPU memory
-    (quantize moves each Linear to the GPU only once quantized, so a base that fits the GPU only in 4 bits
-    never sits there whole); anything else straight onto its device (8 DDP ranks then hold no copy in RAM)."""
-    if world.strategy == "fsdp":
+def load_device(world: World, quantized: bool, zero_stage=None):
+    """Where the checkpoint is read. Under FSDP and ZeRO-3 (--zero-stage 3) nowhere yet: every rank keeps
+    the model on the meta device and reads only its own shards once it is sharded (wrap_fsdp,
+    zero.load_partitioned). A quantized base is read into CPU memory (quantize moves each Linear to the GPU
+    only once quantized, so a base that fits the GPU only in 4 bits never sits there whole); anything else
+    straight onto its device (8 DDP ranks then hold no copy in RAM)."""
+    if world.strategy == "fsdp" or (world.strategy == "deepspeed" and zero_stage == 3):
         return "meta"
     return "cpu" if quantized else world.device
 

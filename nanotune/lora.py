@@ -323,10 +323,8 @@ def load_adapter(model, path: str, dtype=torch.float32):
                 p.copy_(found.pop(key))  # in --lora-dtype
         else:  # a bias or a module trained in full: in fp32, as it trained, whatever dtype the base was read in
             # (and in place of a base tensor not read yet: FSDP, ZeRO-3); cast_frozen casts it where it must
-            owner, _, attr = key.removeprefix(PEFT_PREFIX).rpartition(".")
-            device = "cpu" if p.is_meta else p.device
-            setattr(model.get_submodule(owner), attr, nn.Parameter(found.pop(key).to(device, torch.float32),
-                                                                  requires_grad=p.requires_grad))
+            t = found.pop(key).to("cpu" if p.is_meta else p.device, torch.float32)
+            torch.utils.swap_tensors(p, nn.Parameter(t, requires_grad=p.requires_grad))
     if found:
         raise UserError(f"{weights} has tensors this model cannot take: {', '.join(sorted(found)[:5])} {layers_hint}")
     return model

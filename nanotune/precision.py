@@ -80,8 +80,8 @@ def cast_frozen(model: nn.Module, p: Precision):
     embeddings run in their own dtype, so they stay fp32, as does everything that trains (AdamW
     updates fp32 weights), and so does an output head tied to the embedding (Llama 3.2, small
     Qwens): it is the embedding's tensor, and casting it would put the whole residual stream in
-    bf16. bf16-true casts everything but LoRA's weights (which keep --lora-dtype), 32-true nothing
-    but what the checkpoint stored in 16 bits (load_dtype)."""
+    bf16. bf16-true casts everything but LoRA's weights (which keep --lora-dtype) to bf16, 32-true to
+    fp32. The base may arrive in the checkpoint's own dtype (load_dtype), so this also casts up."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
         frozen_linear = type(module) is nn.Linear and not any(q.requires_grad for q in module.parameters()) \

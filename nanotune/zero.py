@@ -84,8 +84,27 @@ def wrap_deepspeed(model, optimizer, world, config):
     # CPU) that only inference uses; mark the op unavailable instead.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    if any(p.is_meta for p in model.parameters()):
+        load_partitioned(model, config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     return engine
+
+
+@torch.no_grad()
+def load_partitioned(model, config):
+    """ZeRO-3 loading: the weights still on the meta device are read from the checkpoint module by module,
+    whole, in the dtype cast_frozen gave them, and each module is partitioned as soon as it is read
+    (deepspeed.zero.Init(module=...), what the engine would do to the whole model; it keeps rank 0's
+    copy, the same as every rank's). A rank keeps its partitions only, and holds at most one module's
+    weights whole beside them. LoRA's weights, whole on every rank, the engine partitions itself."""
+    import deepspeed
+    for prefix, module in model.named_modules():
+        meta = [(name, p) for name, p in module.named_parameters(prefix, recurse=False) if p.is_meta]
+        for name, p in meta:  # a tied tensor was read, and partitioned, under its first name
+            t = model.weights.read(name, p.dtype, "cpu")
+            torch.utils.swap_tensors(p, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+        if meta:
+            deepspeed.zero.Init(module=module, config_dict_or_path=config)
 
 
 def ds_full_state_dict(engine, world, trainable_only=False) -> dict:

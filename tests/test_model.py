@@ -2,6 +2,8 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
-from conftest import make_model_dir, tiny_config
+from conftest import ROOT, make_model_dir, tiny_config
 from nanotune import UserError
 from nanotune.lora import inject_lora
 from nanotune.loss import LinearCrossEntropy, summed_cross_entropy
@@ -282,6 +284,35 @@ def test_sharded_checkpoint_and_legacy_buffers(tiny_model_dir, tmp_path):
     (tmp_path / "s" / "config.json").write_text(open(os.path.join(tiny_model_dir, "config.json")).read())
     ids = torch.randint(0, 320, (1, 5))
     torch.testing.assert_close(from_pretrained(str(tmp_path / "s"))(ids), from_pretrained(tiny_model_dir)(ids))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures Linux's VmHWM")
+def test_loading_holds_no_more_than_it_keeps(tmp_path):
+    """Peak resident memory while loading a bf16 checkpoint of N bytes for bf16-true, in a fresh process
+    whose high-water mark is reset after its imports: the weights it keeps (N) and one tensor in flight,
+    not a copy of the model beside them (before: 3 N, the mapped file and an fp32 copy of it) nor the
+    file's pages mapped all at once (2 N)."""
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, vocab_size=4096)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GPTNeoX(config).state_dict().items()}
+    path = tmp_path / "m"
+    os.makedirs(path)
+    save_file({k: torch.randn(shape).mul(0.02).bfloat16() for k, shape in shapes.items()}, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(config.to_hf()))
+    n = os.path.getsize(path / "model.safetensors")
+    script = (  # the peak above the interpreter's RSS once torch and nanotune are imported, in bytes
+        "import torch; from nanotune.models import from_pretrained\n"
+        "kb = lambda f: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(f + ':'))\n"
+        "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')\n"
+        f"model = from_pretrained({str(path)!r}, dtype=torch.bfloat16)\n"
+        "assert all(p.dtype == torch.bfloat16 for p in model.parameters())\n"
+        "print((kb('VmHWM') - base) * 1024)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    peak = int(proc.stdout.split()[-1])
+    assert n > 30e6 and peak <= 1.3 * n, f"peak {peak / n:.2f} N"
 
 
 def test_num_layers_keeps_the_first_blocks(tiny_model_dir):

@@ -7,9 +7,11 @@
 Each family file maps a config.json model_type to a model class whose parameter names are the
 checkpoint's own, so loading is a key-by-key copy with checks, and saving writes what transformers reads.
 """
+import ctypes
 import json
 import os
 import shutil
+import sys
 
 import torch
 import torch.nn as nn
@@ -27,6 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 MAX_SHARD_SIZE = "5GB"  # transformers' default for save_pretrained
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --save-dtype
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None  # glibc's
 
 
 def read_config(path: str):
@@ -94,8 +97,9 @@ def safetensors_files(path: str) -> list:
 def from_pretrained(path, num_layers=-1, device="cpu", dtype=torch.float32):
     """Load a Hugging Face model folder, each tensor cast to `dtype` as it is read (None: kept in the
     checkpoint's own dtype). num_layers=N keeps only the first N blocks (-1: all). device="meta" builds
-    the model and checks the checkpoint's names and shapes without reading a weight: load_weights (or
-    quantize, or FSDP and ZeRO-3 shard by shard) reads each one later, where and as it is kept."""
+    the model, in those dtypes, and checks the checkpoint's names and shapes without reading a weight:
+    load_weights (or quantize, or FSDP and ZeRO-3 shard by shard) reads each one later, where it is
+    kept and in the dtype its placeholder has by then (cast_frozen may change it)."""
     cls, config = read_config(path)
     if num_layers != -1:
         if not 1 <= num_layers <= config.num_hidden_layers:
@@ -106,9 +110,9 @@ def from_pretrained(path, num_layers=-1, device="cpu", dtype=torch.float32):
         model = cls(config)
     model.name_or_path = path
     model.weights = Weights(path, model)
-    if str(device) == "meta":
-        return model.to(dtype) if dtype else model
-    return load_weights(model, dtype, device)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(dtype or model.weights.dtypes[model.weights.key(name)])  # on meta: no memory
+    return model if str(device) == "meta" else load_weights(model, device)
 
 
 class Weights:
@@ -143,7 +147,8 @@ class Weights:
                         if tuple(tensor.get_shape()) != tuple(expected[key]):
                             raise UserError(f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, but "
                                             f"config.json implies {tuple(expected[key])}")
-                        self.files[key], self.dtypes[key] = file, SAFETENSORS_DTYPES.get(tensor.get_dtype())
+                        self.files[key] = file
+                        self.dtypes[key] = SAFETENSORS_DTYPES.get(tensor.get_dtype(), torch.float32)  # F64 too
             except (OSError, SafetensorError) as e:
                 raise UserError(f"{file} cannot be read as safetensors ({e}); the file is damaged or incomplete, "
                                 "so copy or download it again") from None
@@ -160,23 +165,31 @@ class Weights:
         """Parameter `name` (rows: only rows[0]:rows[1] of its dim 0), in `dtype` (None: the file's), a
         copy in `device`'s memory that owns its storage."""
         key = self.key(name)
+        release_freed_memory()
         with safe_open(self.files[key], framework="pt") as f:
             t = f.get_tensor(key) if rows is None else f.get_slice(key)[rows[0]:rows[1]]
             return t.to(device, dtype or t.dtype, copy=True)
 
 
+def release_freed_memory():
+    """Give the pages of freed heap blocks back to the OS (glibc's malloc_trim; a no-op elsewhere).
+    Loading frees a large temporary (an fp32 Linear being quantized, a module ZeRO-3 has partitioned) after
+    each small block it keeps (the codes, the partition); glibc's malloc serves such sizes from its heap once
+    one has been freed, and the blocks kept between the holes stop it from shrinking: without this, a 4-bit
+    or ZeRO-3 load peaked 2.7x / 1.2x higher on a CPU (BENCHMARKS.md, loading)."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
+
+
 @torch.no_grad()
-def load_weights(model, dtype=torch.float32, device="cpu"):
+def load_weights(model, device="cpu"):
     """Read every parameter still on the meta device from the checkpoint (model.weights), one at a time,
-    cast to `dtype` (None: the checkpoint's own) as it is read. A tensor tied under several names (the
-    embedding and the head) is read once and set under each."""
-    loaded = {}  # meta parameter -> the one read for it
-    for name, p in list(model.named_parameters(remove_duplicate=False)):
+    in its placeholder's dtype, into `device`. The placeholder becomes the tensor read (swap_tensors), so
+    ties (the head that is the embedding), an optimizer or a wrapper that holds it all see the real one."""
+    for name, p in model.named_parameters():  # a tied tensor is one parameter, read once
         if p.is_meta:
-            if p not in loaded:
-                loaded[p] = nn.Parameter(model.weights.read(name, dtype, device), requires_grad=p.requires_grad)
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, loaded[p])
+            torch.utils.swap_tensors(p, nn.Parameter(model.weights.read(name, p.dtype, device),
+                                                     requires_grad=p.requires_grad))
     return model
 
 
