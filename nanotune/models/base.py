@@ -118,10 +118,12 @@ class Context:
         # included). On a GPU a Python loop of R small calls per layer would leave it idle between
         # launches (and the lengths would have to reach the host), so there it is one SDPA call with
         # the block-diagonal mask, built once per forward on the device.
-        if q.device.type != "cpu":
-            return self.masked(q, k, v, window)
-        # One split of the (B*T) positions: slicing each row out of q, k, v would cost a zero-filled
-        # full-size gradient per row in the backward.
+        return self.masked(q, k, v, window) if q.device.type != "cpu" else self.per_row(q, k, v, window)
+
+    def per_row(self, q, k, v, window):
+        """Packed rows' attention as a causal call per row (the CPU's way). One split of the (B*T)
+        positions: slicing each row out of q, k, v would cost a zero-filled full-size gradient per row
+        in the backward."""
         B, T = q.shape[0], q.shape[2]
         rows = zip(*(x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]).split(self.row_lengths.tolist())
                      for x in (q, k, v)))  # per row: its (L, nh or nkv, hs) slices of q, k, v
