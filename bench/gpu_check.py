@@ -280,7 +280,8 @@ def offload_generate_command(run):
 
 def train_figures(output):
     """train_losses, and the exact-match scores."""
-    return train_losses(output) | {"exact_match": [float(x) / 100 for x in re.findall(r"exact match ([\d.]+)%", output)]}
+    scores = re.findall(r"exact match ([\d.]+)%", output)
+    return train_losses(output) | {"exact_match": [float(x) / 100 for x in scores]}
 
 
 def exact_match_check(run, figures):

@@ -98,7 +98,7 @@ class Context:
     sin: torch.Tensor
     row_lengths: torch.Tensor = None
     cache: "Cache" = None
-    masks: dict = field(default_factory=dict)  # packed rows on a GPU: window -> the block-diagonal mask
+    masks: dict = field(default_factory=dict)  # packed rows on a GPU: (window, dtype) -> block-diagonal mask
 
     def attend(self, module, q, k, v, window=None):
         """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs). With a
@@ -142,16 +142,16 @@ class Context:
         the window), -inf elsewhere. Built from row_lengths on the device without a copy to the host
         (output_size tells repeat_interleave the total), once per forward for each window; B * T * T
         elements (8 x 4096 positions: 134M, 268 MB in bf16)."""
-        if window not in self.masks:
+        if (window, q.dtype) not in self.masks:
             B, T = q.shape[0], q.shape[2]
             rows = torch.arange(len(self.row_lengths), device=q.device)
             row = rows.repeat_interleave(self.row_lengths.to(q.device), output_size=B * T).view(B, T)  # row id
             i = torch.arange(T, device=q.device)[:, None]
             j = torch.arange(T, device=q.device)[None, :]
             seen = (row[:, :, None] == row[:, None, :]) & (j <= i) & ((i - j < window) if window is not None else True)
-            self.masks[window] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            self.masks[window, q.dtype] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(
                 ~seen, -float("inf"))[:, None]
-        return self.masks[window]
+        return self.masks[window, q.dtype]
 
 
 def causal(q, k, v, window=None, real=None):
