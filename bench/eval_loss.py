@@ -7,11 +7,12 @@ torch.no_grad() with every weight trainable, as train.py's evaluate() runs it (i
 A random model of bench.py's shape (default Pythia-70m: vocabulary 50304, hidden 512, 6 layers)
 evaluates --batch rows of --seq tokens: --warmup untimed batches, then the median of --rounds timed
 ones, in wall-clock and in CPU seconds of the process (which other work on a shared machine disturbs
-less). Under bf16-mixed the head's weight reaches the loss as autocast's bf16 copy, which needs no
-gradient, so the change shows in fp32 and bf16-true. Memory, measured on the first batch (before freed buffers sit in the allocator's pools): the
+less). Memory, measured on the first batch (before freed buffers sit in the allocator's pools): the
 process's peak RSS over it above its RSS before it (the kernel's high-water mark reset through
 /proc/self/clear_refs, as bench.py measures), i.e. what a batch allocates beyond the model:
-activations, the loss's buffers and any gradient it builds.
+activations, the loss's buffers and any gradient it builds. Under bf16-mixed the head's weight
+reaches the loss as autocast's bf16 copy, which needs no gradient, so the change shows in fp32 and
+bf16-true.
 """
 import argparse
 import json

@@ -277,6 +277,144 @@ def loading_check(run, figures):
     return out
 
 
+QUANT_CODES = """import json, sys, torch, torch.nn as nn
+from nanotune.quantize import quantize
+device, out = sys.argv[1], {}
+w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
+w[::97, ::89] *= 200  # outliers, as real weights have
+def linear():
+    layer = nn.Linear(1024, 1024, bias=False)
+    layer.weight = nn.Parameter(w.clone(), requires_grad=False)
+    return nn.Sequential(layer)
+for bits in (8, 4):
+    layers = [quantize(linear(), bits, device=d)[0] for d in ("cpu", device)]
+    if bits == 8:  # CB (out, in) int8 and SCB (out,) fp32 row maxima (kept on the weight until a first forward)
+        cpu, dev = (l.weight.data.int() for l in layers)
+        scales = [l.weight.SCB for l in layers]
+    else:  # packed NF4 codes, two per byte, and one absmax per block of 64
+        cpu, dev = (torch.cat((l.weight.data.view(-1) >> 4, l.weight.data.view(-1) & 15)).int() for l in layers)
+        scales = [l.weight.quant_state.absmax for l in layers]
+    name = "int8" if bits == 8 else "nf4"
+    diff = (cpu - dev.cpu()).abs()
+    out[name] = {"codes_equal": (diff == 0).float().mean().item(), "codes_max_diff": diff.max().item(),
+                 "scales_max_rel_diff": ((scales[0] - scales[1].cpu()).abs() / scales[0].abs()).max().item()}
+print("json " + json.dumps(out))"""
+
+
+def quant_codes_command(run):
+    """int8 and NF4 codes quantized on the CPU and on the device from the same weights (issue #25, item 7)."""
+    needs_bnb(run)
+    return [run.python, "-c", QUANT_CODES, run.device]
+
+
+def quant_codes_check(run, figures):
+    return {"nf4 codes equal": target(figures.get("nf4", {}).get("codes_equal"), ">=", 1.0),
+            "int8 codes at most 1 apart": target(figures.get("int8", {}).get("codes_max_diff"), "<=", 1),
+            "int8 codes equal": target(figures.get("int8", {}).get("codes_equal"), ">=", 0.999)}
+
+
+def offload_generate_command(run):
+    """Exact match (batched generation of prompts of different lengths) under FSDP with --fsdp-offload, whose
+    parameters live in CPU memory while the inputs go to the GPU; on a CPU (--tiny) FSDP without offload."""
+    return run.train("--strategy", "fsdp", "--eval-exact-match", "8", "--precision", "32" if run.tiny else "bf16",
+                     *([] if run.tiny else ["--fsdp-offload"]))
+
+
+def train_figures(output):
+    """train_losses, and the exact-match scores."""
+    scores = re.findall(r"exact match ([\d.]+)%", output)
+    return train_losses(output) | {"exact_match": [float(x) / 100 for x in scores]}
+
+
+def exact_match_check(run, figures):
+    return loss_check(run, figures) | {"exact match scored": target(len(figures.get("exact_match", [])), ">=", 2)}
+
+
+TF32 = """import json, sys, time, torch
+from nanotune.precision import matmul_precision, resolve
+device, n, out = torch.device(sys.argv[1]), int(sys.argv[2]), {}
+a, b = (torch.randn(n, n, device=device, generator=torch.Generator(device).manual_seed(i)) for i in (0, 1))
+exact = (a.double() @ b.double())
+for name in ("32", "bf16"):  # what train.py sets for each --precision
+    matmul_precision(resolve(name, device), device)
+    for _ in range(3): a @ b
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    start = time.perf_counter()
+    for _ in range(10): c = a @ b
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    out[name] = {"fp32_matmul_tflops": 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12,
+                 "max_rel_err": ((c.double() - exact).abs().max() / exact.abs().max()).item(),
+                 "setting": torch.get_float32_matmul_precision()}
+print("json " + json.dumps(out))"""
+
+
+def tf32_command(run):
+    """fp32 matmuls under --precision 32 (IEEE) and bf16 (TF32 on CUDA): speed and error against fp64."""
+    return [run.python, "-c", TF32, run.device, "256" if run.tiny else "8192"]
+
+
+def tf32_check(run, figures):
+    exact, tf32 = figures.get("32", {}), figures.get("bf16", {})
+    out = {"--precision 32 exact": target(exact.get("max_rel_err"), "<=", 1e-5)}
+    if not run.tiny:
+        out["TF32 x fp32 speed"] = target(tf32.get("fp32_matmul_tflops", 0) / exact.get("fp32_matmul_tflops", 1),
+                                          ">=", 2)
+    return out
+
+
+PACKED_ATTENTION = """import json, sys, time, torch
+from nanotune.models.base import Context
+device, dtype, B, T, nh, nkv = torch.device(sys.argv[1]), torch.bfloat16, *map(int, sys.argv[2:6])
+g = torch.Generator().manual_seed(0)
+lengths = []
+for _ in range(B):  # rows of 20 to 660 tokens (Alpaca-like) filling each sequence, the rest padding
+    left = T
+    while left > 20:
+        n = min(left, int(torch.randint(20, 661, (), generator=g)))
+        lengths.append(n); left -= n
+    lengths += [left] if left else []
+row_lengths = torch.tensor(lengths)
+q = torch.randn(B, nh, T, 64, device=device, dtype=dtype, requires_grad=True)
+k, v = (torch.randn(B, nkv, T, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+out = {"rows": len(lengths), "positions": B * T}
+results = {}
+for name in ("per_row", "masked"):
+    for window in (None, 256):  # 256: a sliding window shorter than the longer rows (Mistral's kind)
+        ctx = Context(None, None, row_lengths.to(device))
+        y = getattr(ctx, name)(q, k, v, window)
+        grads = torch.autograd.grad(y.float().square().sum(), (q, k, v))
+        results[name, window] = (y.float(), [x.float() for x in grads])
+    for _ in range(2):
+        getattr(Context(None, None, row_lengths.to(device)), name)(q, k, v, None).sum().backward()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    start = time.perf_counter()
+    for _ in range(5):  # a forward and backward of one layer, its mask built anew as each forward builds it
+        getattr(Context(None, None, row_lengths.to(device)), name)(q, k, v, None).sum().backward()
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    out[name + "_ms"] = (time.perf_counter() - start) / 5 * 1000
+for window in (None, 256):
+    (y0, g0), (y1, g1) = results["per_row", window], results["masked", window]
+    out[f"max_diff_window_{window}"] = max((a - b).abs().max().item() / b.abs().max().item()
+                                           for a, b in zip([y1, *g1], [y0, *g0]))
+out["masked_x_per_row_speed"] = out["per_row_ms"] / out["masked_ms"]
+print("json " + json.dumps(out))"""
+
+
+def packed_attention_command(run):
+    """Packed rows' attention on the device: one masked SDPA call (the GPU's way) against a call per row
+    (the CPU's), bf16, GQA 4:1: the same outputs and gradients, and the time of a layer's forward + backward."""
+    shape = ["2", "256", "4", "1"] if run.tiny else ["8", "4096", "32", "8"]
+    return [run.python, "-c", PACKED_ATTENTION, run.device, *shape]
+
+
+def packed_attention_check(run, figures):
+    out = {f"masked = per row (window {w})": target(figures.get(f"max_diff_window_{w}"), "<=", 0.02)
+           for w in (None, 256)}
+    if not run.tiny:
+        out["masked x per-row speed"] = target(figures.get("masked_x_per_row_speed"), ">=", 1)
+    return out
+
+
 # ---- reading the output, and the targets -----------------------------------------------------------------
 
 def json_line(output):
@@ -357,6 +495,10 @@ PARTS = [  # cheapest and most important first
     Part("packing", 10, 90, packing_command, loss_check, train_losses),
     Part("generate-smoke", 5, 60, generate_smoke_command, parse=lambda out: {"text": out.strip()[-200:]}),
     Part("weight-bytes", 10, 90, weight_bytes_command, weight_bytes_check),
+    Part("quant-codes", 10, 90, quant_codes_command, quant_codes_check),
+    Part("tf32", 5, 60, tf32_command, tf32_check),
+    Part("packing-attention", 10, 90, packed_attention_command, packed_attention_check),
+    Part("offload-generate", 15, 120, offload_generate_command, exact_match_check, train_figures),
     Part("lora-bf16-1.4b", 90, 240, lambda run: run.bench("neox-1.4b", "--mode", "lora-bf16", hf=True, profile=3),
          hf_check(speed=True)),
     Part("lora-bf16-1.4b-compile", 90, 240, compile_command, compile_check, read_compile),

@@ -130,3 +130,18 @@ def test_make_carry_keeps_the_package_its_metadata_and_only_the_gpu_machines_lib
     (dist,) = importlib.metadata.distributions(path=[str(tmp_path)])  # transformers checks the version here
     assert dist.metadata["Name"] == "bitsandbytes" and dist.version == importlib.metadata.version("bitsandbytes")
     assert not any("__pycache__" in root for root, _, _ in os.walk(tmp_path))
+
+
+def test_issue_25_parts_read_their_figures():
+    out = "before training: exact match 12.5% on 8 held-out rows (0.3s)\nafter training: exact match 50.0% on 8\n"
+    assert gpu_check.train_figures(out)["exact_match"] == [0.125, 0.5]
+    met = gpu_check.exact_match_check(None, {"eval_losses": [2.0, 1.5], "exact_match": [0.1, 0.2]})
+    assert all(t["met"] for t in met.values())
+    codes = {"int8": {"codes_equal": 0.9995, "codes_max_diff": 1}, "nf4": {"codes_equal": 0.99, "codes_max_diff": 1}}
+    checked = gpu_check.quant_codes_check(None, codes)
+    assert checked["int8 codes at most 1 apart"]["met"] and not checked["nf4 codes equal"]["met"]
+    run = argparse.Namespace(tiny=False)
+    figures = {"32": {"max_rel_err": 1e-7, "fp32_matmul_tflops": 50}, "bf16": {"fp32_matmul_tflops": 300}}
+    assert all(t["met"] for t in gpu_check.tf32_check(run, figures).values())
+    figures = {"max_diff_window_None": 0.004, "max_diff_window_256": 0.3, "masked_x_per_row_speed": 5}
+    assert [t["met"] for t in gpu_check.packed_attention_check(run, figures).values()] == [True, False, True]

@@ -105,7 +105,7 @@ class Context:
     row_lengths: torch.Tensor = None
     cache: "Cache" = None
     local: tuple = None
-    masks: dict = field(default_factory=dict)  # packed rows on a GPU: window -> the block-diagonal mask
+    masks: dict = field(default_factory=dict)  # packed rows on a GPU: (window, dtype) -> block-diagonal mask
 
     def attend(self, module, q, k, v, window=None, scale=None, cap=None):
         """Causal attention of q (B, nh, Tq, hs) over k, v (B, nkv, Tk, hs) -> (B, nh, Tq, hs). With a
@@ -128,8 +128,12 @@ class Context:
         # the block-diagonal mask, built once per forward on the device.
         if q.device.type != "cpu":
             return self.masked(q, k, v, window, scale, cap)
-        # One split of the (B*T) positions: slicing each row out of q, k, v would cost a zero-filled
-        # full-size gradient per row in the backward.
+        return self.per_row(q, k, v, window, scale, cap)
+
+    def per_row(self, q, k, v, window, scale=None, cap=None):
+        """Packed rows' attention as a causal call per row (the CPU's way). One split of the (B*T)
+        positions: slicing each row out of q, k, v would cost a zero-filled full-size gradient per row
+        in the backward."""
         B, T = q.shape[0], q.shape[2]
         rows = zip(*(x.transpose(1, 2).reshape(B * T, x.shape[1], x.shape[3]).split(self.row_lengths.tolist())
                      for x in (q, k, v)))  # per row: its (L, nh or nkv, hs) slices of q, k, v
@@ -151,16 +155,16 @@ class Context:
         the window), -inf elsewhere. Built from row_lengths on the device without a copy to the host
         (output_size tells repeat_interleave the total), once per forward for each window; B * T * T
         elements (8 x 4096 positions: 134M, 268 MB in bf16)."""
-        if window not in self.masks:
+        if (window, q.dtype) not in self.masks:
             B, T = q.shape[0], q.shape[2]
             rows = torch.arange(len(self.row_lengths), device=q.device)
             row = rows.repeat_interleave(self.row_lengths.to(q.device), output_size=B * T).view(B, T)  # row id
             i = torch.arange(T, device=q.device)[:, None]
             j = torch.arange(T, device=q.device)[None, :]
             seen = (row[:, :, None] == row[:, None, :]) & (j <= i) & ((i - j < window) if window is not None else True)
-            self.masks[window] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            self.masks[window, q.dtype] = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(
                 ~seen, -float("inf"))[:, None]
-        return self.masks[window]
+        return self.masks[window, q.dtype]
 
 
 def causal(q, k, v, window=None, real=None, scale=None, cap=None):
