@@ -211,12 +211,12 @@ def train(args, world, stop):
     first = train_rows[0] if pairs else [train_rows[0]]
     print0(f"the first {'pair' if pairs else 'row'} as the model sees it, {'trained tokens in [[brackets]]'} "
            f"(template {args.template}):\n" + "\n".join(show(ex, tokenizer, color=False) for ex in first))
+    seq_len = (2 if pairs else 1) * args.max_seq_len if args.packing else None  # a packed pair fits 2 x max_seq_len
     batches = (PairBatches if pairs else Batches)(train_rows, args.batch_size, args.grad_accum, world.size,
-                                                  world.rank, args.seed, tokenizer.pad_id,
-                                                  seq_len=args.max_seq_len if args.packing else None)
+                                                  world.rank, args.seed, tokenizer.pad_id, seq_len)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
     rows = "pairs" if pairs else "rows"
-    unit = f"sequences of {args.max_seq_len} tokens (packed from {len(train_rows)} rows)" if args.packing else rows
+    unit = f"sequences of {batches.seq_len} tokens (packed from {len(train_rows)} {rows})" if args.packing else rows
     print0(f"training: {len(train_rows)} {rows}, {len(val)} held out; global batch {batches.global_batch} {unit} "
            f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {world.size} process(es); "
            f"{total} steps")
@@ -254,6 +254,7 @@ def train(args, world, stop):
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro, n_tokens = batches.step(step)
+        n_units = batches.pairs(step) if pairs else batches.global_batch  # pairs: a packed step's vary in number
         step_loss, step_figures = 0.0, dict.fromkeys(FIGURES if pairs else (), 0.0)
         for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, row_lengths)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
@@ -262,8 +263,7 @@ def train(args, world, stop):
             # since DDP and FSDP average gradients over ranks, the gradient is the mean over the step,
             # however rows are split over micro-batches and ranks.
             with precision.context(world.device):
-                loss, figures = step_objective(wrapped, [t.to(world.device) for t in batch], n_tokens,
-                                               batches.global_batch)
+                loss, figures = step_objective(wrapped, [t.to(world.device) for t in batch], n_tokens, n_units)
                 loss = loss * world.size
             for key, value in figures.items():
                 step_figures[key] += value

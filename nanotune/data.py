@@ -269,8 +269,8 @@ def load_examples(path, template, max_seq_len, train_on_prompt=False, mask_histo
         examples += group
     if not examples:
         raise all_empty(path, max_seq_len)
-    log(f"data: {len(examples) // (1 + pairs)} {'pairs' if pairs else 'rows'} from {path}; {n_cut} rows cut to "
-        f"--max-seq-len {max_seq_len}, {dropped} {'pairs' if pairs else 'rows'} dropped with no response token left")
+    log(f"data: {len(examples) // (1 + pairs)} {'pairs' if pairs else 'rows'} from {path}; {n_cut} cut to "
+        f"--max-seq-len {max_seq_len}, {dropped} dropped with no response token left")
     return examples
 
 

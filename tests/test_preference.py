@@ -167,7 +167,7 @@ def test_objective_figures_match_per_row_cross_entropy(tiny_model_dir, name):
     """preference() on a tiny model against per-row cross_entropy of its logits and the formulas above."""
     torch.manual_seed(0)
     model = from_pretrained(tiny_model_dir)
-    input_ids = torch.randint(0, 300, (4, 9))  # 2 pairs: rows 0, 1 chosen, rows 2, 3 rejected
+    input_ids = torch.randint(0, 300, (4, 9))  # 2 pairs: rows 0, 2 chosen, rows 1, 3 rejected
     labels = torch.randint(0, 300, (4, 9))
     labels[:, :3] = IGNORE
     labels[1, 7:] = IGNORE
@@ -178,12 +178,12 @@ def test_objective_figures_match_per_row_cross_entropy(tiny_model_dir, name):
                      "orpo": (lambda *a: orpo_odds_loss(*a, beta), True)}[name]
     batch = (input_ids, labels, reference) if name in ("dpo", "ipo") else (input_ids, labels)
     n_tokens = 40  # the global batch's chosen tokens, as Batches counts them
-    loss, figures = preference(loss_fn, mean, name == "orpo", model, batch, n_tokens, 2)
+    loss, figures = preference(loss_fn, mean, name == "orpo", name in ("dpo", "ipo"), model, batch, n_tokens, 2)
 
     ce = F.cross_entropy(model(input_ids).transpose(1, 2), labels, reduction="none")  # (4, 9), 0 where IGNORE
     logp, n = -ce.sum(1), (labels != IGNORE).sum(1)
     m, mref = logp / n, reference / n
-    c, r = slice(0, 2), slice(2, 4)
+    c, r = slice(0, 4, 2), slice(1, 4, 2)
     if name == "dpo":
         d = beta * ((logp[c] - reference[c]) - (logp[r] - reference[r]))
         expect = -F.logsigmoid(d).mean()
@@ -203,6 +203,31 @@ def test_objective_figures_match_per_row_cross_entropy(tiny_model_dir, name):
             "reward_accuracy": (rew_c > rew_r).float().mean(), "logps_chosen": logp[c].mean(),
             "logps_rejected": logp[r].mean()}
     assert figures == pytest.approx({k: v.item() for k, v in want.items()}, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo"])
+def test_packed_pairs_compute_what_padded_ones_do(tiny_model_dir, pairs_file, alpaca, name):
+    """Pairs packed back to back (--packing), each row attending to itself: the same loss, figures and
+    gradients as the same pairs right-padded."""
+    from nanotune.objectives import objective
+    from nanotune.pairs import Pairs
+    from nanotune.store import Store
+    pairs = Pairs(Store.of(load_examples(pairs_file, alpaca, 256, pairs=True, log=lambda _: None)))
+    if name == "dpo":  # orpo has none: train.py attaches it for dpo and ipo only
+        pairs.reference = torch.randn(len(pairs), 2).numpy() - 40
+    model = from_pretrained(tiny_model_dir)
+    args = type("Args", (), {"objective": name, "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": None})
+    results, sequences = [], [[0, 1, 2], [3, 4]]
+    seq_len = max(int(sum(pairs.lengths[s] - 1)) for s in sequences) + 3  # the second sequence ends in padding
+    for batch in (pairs.collate([0, 1, 2, 3, 4], 1), pairs.collate(sequences, 1, seq_len)):
+        model.zero_grad()
+        loss, figures = objective(args)(model, batch, 50, 5)
+        loss.backward()
+        results.append((loss.item(), figures, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, figures_a, grads_a), (loss_b, figures_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and figures_a == pytest.approx(figures_b, rel=1e-5, abs=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def metrics(out):
@@ -252,11 +277,15 @@ def test_reference_is_the_starting_model(tiny_model_dir, tiny_data, pairs_file, 
     assert metrics(tmp_path / "dpo0")[0]["eval_logps_chosen"] != metrics(tmp_path / "dpo2")[0]["eval_logps_chosen"]
 
 
-@pytest.mark.parametrize("name", ["ipo", "simpo", "orpo"])
-def test_every_objective_trains(tiny_model_dir, pairs_file, tmp_path, name):
+@pytest.mark.parametrize("name,flags", [("ipo", []), ("simpo", []), ("orpo", []), ("dpo", ["--packing"])])
+def test_every_objective_trains(tiny_model_dir, pairs_file, tmp_path, name, flags):
     out = tmp_path / name
-    train_here("--model", tiny_model_dir, "--data", pairs_file, "--out", out, "--objective", name, *STEPS,
-               "--max-steps", 2, "--eval-every", 0)
+    log = train_here("--model", tiny_model_dir, "--data", pairs_file, "--out", out, "--objective", name, *STEPS,
+                     "--max-steps", 2, "--eval-every", 0, *flags)
+    if flags:  # the first step's loss is the mean over its pairs, ln 2 (policy = reference), however many it packs
+        assert "global batch 2 sequences of 512 tokens (packed from 28 pairs)" in log
+        step1 = metrics(out)[1]
+        assert step1["step"] == 1 and step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
     rows = metrics(out)
     assert rows[-1]["step"] == 2 and all(math.isfinite(rows[-1][k]) for k in ("eval_loss", "eval_reward_margin"))
     assert os.path.exists(out / "adapter" / "adapter_model.safetensors")
@@ -291,9 +320,11 @@ def test_nf4_base_trains(tiny_model_dir, pairs_file, tmp_path):
 
 def test_two_processes_equal_one_with_accumulation(tiny_model_dir, pairs_file, tmp_path):
     """torchrun, 2 processes (ZeRO-3 where deepspeed is installed, else DDP): the same losses and figures
-    as one process with twice the accumulation, and a complete adapter."""
+    as one process with twice the accumulation, and a complete adapter. dpo, so the reference pass runs
+    sharded too (4 held-out pairs over 2 ranks), with --packing, whose steps hold varying numbers of pairs."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--model", tiny_model_dir, "--data", pairs_file, "--objective", "orpo", *STEPS, "--batch-size", 1]
+    common = ["--model", tiny_model_dir, "--data", pairs_file, "--objective", "dpo", *STEPS, "--batch-size", 1,
+              "--packing", "--max-seq-len", 64]
     train_here(*common, "--out", one, "--grad-accum", 2)
     if importlib.util.find_spec("deepspeed"):
         config = tmp_path / "zero3.json"  # partition even tiny tensors, as tests/test_deepspeed.py
