@@ -178,9 +178,10 @@ class Rollouts:
     The prompts of step s are those Batches gives step s // --grpo-iterations: each set of completions
     trains --grpo-iterations optimizer steps (1: each is used once, the ratio is 1 in value). Each process
     samples for its own prompts, a micro-batch of B prompts x G completions per generate call, so a
-    prompt's group stays on one process. Sampling draws from a generator seeded by (seed, step, rank): a
-    resumed run samples the very completions the uninterrupted one did, with no state to save. Under FSDP
-    and DeepSpeed every forward of generation is a collective, so the processes end generation together."""
+    prompt's group stays on one process. Sampling draws from a generator seeded by (seed, step, micro-batch
+    of the global batch): a resumed run samples the very completions the uninterrupted one did, with no
+    state to save, and one process with accumulation those of several without. Under FSDP and DeepSpeed
+    every forward of generation is a collective, so the processes end generation together."""
 
     def __init__(self, prompts, model, template, args, world, precision, named_trainable):
         self.batches = PromptBatches(prompts, args.batch_size, args.grad_accum, world.size, world.rank, args.seed)
@@ -200,10 +201,9 @@ class Rollouts:
             self.figures["generation_seconds"] = 0.0
             return self.kept
         clock = time.time()
-        rank_rows, micro = [], []
-        for positions in self.batches.step(step // self.iterations)[0]:
-            rows = self.sample(positions, step)
-            rank_rows.append(rows)
+        micro, first = [], self.world.rank * self.args.grad_accum  # this rank's first micro-batch of the global batch
+        rank_rows = [self.sample(positions, step, first + i)
+                     for i, positions in enumerate(self.batches.step(step // self.iterations)[0])]
         seconds = time.time() - clock
         scores = torch.tensor(score(self.rewards, *(sum((r[k] for r in rank_rows), []) for k in ("users", "texts", "refs"))))
         scores = scores.T.reshape(len(rank_rows), -1, len(self.rewards))  # (micro-batches, B * G, functions)
@@ -232,10 +232,12 @@ class Rollouts:
         self.kept = micro, int(n_tokens)
         return self.kept
 
-    def sample(self, positions, step):
-        """G completions of each prompt at these positions: Examples of prompt + completion (the completion
-        trained, its stop token included), and the texts the rewards read."""
-        seed = int(np.random.SeedSequence([self.args.seed, step, self.world.rank]).generate_state(1)[0])
+    def sample(self, positions, step, index):
+        """G completions of each prompt at these positions, the index-th micro-batch of the global batch:
+        Examples of prompt + completion (the completion trained, its stop token included), and the texts the
+        rewards read. The seed depends on (seed, step, index), so the same micro-batch samples the same
+        completions on any number of processes."""
+        seed = int(np.random.SeedSequence([self.args.seed, step, index]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         prompts = [self.prompts.prompts[i] for i in positions for _ in range(self.G)]
         new = self.generate(prompts, self.args.temperature, self.args.top_p, generator)
@@ -332,6 +334,7 @@ def check_grpo_flags(args):
     if args.packing or args.train_on_prompt:
         raise UserError("--packing and --train-on-prompt do not apply to --objective grpo (it trains on the "
                         "completions it samples); drop the flag")
-    if args.beta and args.strategy == "deepspeed" and args.zero_stage == 3:
-        raise UserError("--beta > 0 is not offered with ZeRO-3 (the reference's weights are swapped in place, "
-                        "and ZeRO-3 holds each weight partitioned); use --zero-stage 2 or --strategy fsdp")
+    if args.beta and args.strategy == "deepspeed":
+        raise UserError("--beta > 0 is not offered with --strategy deepspeed (the reference's weights are swapped in "
+                        "place, which ZeRO-3's partitions and a resumed engine's restored weights do not allow); use "
+                        "--strategy ddp or fsdp, or --beta 0")
