@@ -1,4 +1,4 @@
-"""Build nanotune's default assets: a tiny GPT-NeoX base model and an instruction dataset.
+"""Build nanotune's default assets: a tiny GPT-NeoX base model, an instruction dataset and preference pairs.
 
 Everything here is made from scratch, with no third-party text or weights, and is seeded: run
 `python assets/make_assets.py` to rebuild assets/tiny-neox/ and assets/data/ (about 6 minutes on
@@ -109,6 +109,36 @@ def make_dataset(rng, n_rows):
     return rows
 
 
+# For preference training (train.py --objective dpo): per operation, a plausible wrong answer, the one a
+# model that half-learned the task gives: the words as they came, the order backwards, one word off.
+WRONG = {
+    "reverse": lambda w: " ".join(w),
+    "sort": lambda w: " ".join(sorted(w, reverse=True)),
+    "upper": lambda w: " ".join(w),
+    "count": lambda w: NUMBERS[len(w) - 1],
+    "last": lambda w: w[0],
+}
+
+
+def make_pairs(rng, n_pairs):
+    """LLaMA-Factory's Alpaca pairs: the same instructions as the dataset, chosen right, rejected WRONG."""
+    pairs = []
+    for i in range(n_pairs):
+        op = list(OPS)[i % len(OPS)]
+        words = random_words(rng)
+        pairs.append({"instruction": rng.choice(INSTRUCTIONS[op]), "input": " ".join(words),
+                      "chosen": OPS[op](words), "rejected": WRONG[op](words)})
+    rng.shuffle(pairs)
+    return pairs
+
+
+def write_pairs():
+    """assets/data/pairs.jsonl, from a seed of its own: the other assets stay as they were."""
+    with open(os.path.join(HERE, "data", "pairs.jsonl"), "w") as f:
+        for row in make_pairs(random.Random(SEED + 1), 1000):
+            f.write(json.dumps(row) + "\n")
+
+
 def render(row):
     """The trainer's Alpaca template (nanotune/data.py renders the same); used only to train the tokenizer."""
     return (f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n"
@@ -199,7 +229,8 @@ def main():
     with open(os.path.join(HERE, "data", "train.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(f"saved {out} and {os.path.join(HERE, 'data', 'train.jsonl')}")
+    write_pairs()
+    print(f"saved {out}, {os.path.join(HERE, 'data', 'train.jsonl')} and pairs.jsonl")
 
     # What the base model can and cannot do: the skill in its own notations, not yet the template.
     model.eval()

@@ -114,23 +114,34 @@ class LinearLogProbs(torch.autograd.Function):
     """log softmax(h_i @ W^T)[target_i] per row i: (N,) fp32, the upstream gradient is per row.
 
     d logp_i / d h_i = (one_hot(target_i) - softmax_i) @ W depends on row i alone, so the forward forms
-    it at once, as LinearCrossEntropy does, and the backward only scales each row by its upstream
-    gradient: (N, C) kept, no logits. The head's own gradient sum_i g_i (one_hot - softmax_i)^T h_i needs
-    the g_i, known only in the backward: when the head trains (full fine-tunes), the backward computes
-    the logits again, a chunk at a time (one more (N, C) x (C, V) matmul than LinearCrossEntropy)."""
+    it at once, with LinearCrossEntropy's chunks, buffers and CPU blocks, and the backward only scales each
+    row by its upstream gradient: (N, C) kept, no logits. The head's own gradient
+    sum_i g_i (one_hot - softmax_i)^T h_i needs the g_i, known only in the backward: when the head trains
+    (full fine-tunes), the backward computes the logits again, a chunk at a time (one (N, C) x (C, V)
+    matmul more than LinearCrossEntropy)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk):
         N, V = h.shape[0], weight.shape[0]
         need_h = ctx.needs_input_grad[0]
+        cpu = h.device.type == "cpu"
+        rows = LinearCrossEntropy.CPU_ROWS if cpu else chunk
+        logits = h.new_empty(min(chunk, N), V)  # compute dtype: the chunk's logits, then one_hot - softmax
+        probs = h.new_empty(min(rows, N), V, dtype=torch.float32) if cpu else None
         logps = torch.empty(N, dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
         with torch.autocast(h.device.type, enabled=False):
             for i in range(0, N, chunk):
-                z = h[i:i + chunk] @ weight.t()  # (n, V) compute dtype
-                p, logps[i:i + chunk] = softmax_and_logp(z, targets[i:i + chunk])
+                x = h[i:i + chunk]  # (n, C)
+                z = torch.matmul(x, weight.t(), out=logits[:x.shape[0]])  # (n, V)
+                for j in range(0, x.shape[0], rows):
+                    zj = z[j:j + rows]  # (m, V)
+                    p, logps[i + j:i + j + zj.shape[0]] = one_hot_minus_softmax(
+                        zj, targets[i + j:i + j + zj.shape[0]], probs[:zj.shape[0]] if cpu else None)
+                    if need_h:
+                        zj.copy_(p)
                 if need_h:
-                    torch.matmul(p.to(h.dtype), weight, out=grad_h[i:i + chunk])  # (one_hot - softmax) @ W
+                    torch.matmul(z, weight, out=grad_h[i:i + x.shape[0]])
         ctx.chunk = chunk
         ctx.save_for_backward(grad_h, h if ctx.needs_input_grad[1] else None, weight, targets)
         return logps
@@ -146,16 +157,20 @@ class LinearLogProbs(torch.autograd.Function):
             with torch.autocast(h.device.type, enabled=False):
                 for i in range(0, h.shape[0], ctx.chunk):
                     x = h[i:i + ctx.chunk]
-                    p, _ = softmax_and_logp(x @ weight.t(), targets[i:i + ctx.chunk])
+                    p, _ = one_hot_minus_softmax(x @ weight.t(), targets[i:i + ctx.chunk])
                     out_w.addmm_((p * g[i:i + ctx.chunk]).t(), x.float())  # sum_i g_i (one_hot - softmax_i)^T h_i
             out_w = out_w.to(weight.dtype)
         return out_h, out_w, None, None
 
 
-def softmax_and_logp(z, targets):
-    """For logits z (n, V): one_hot(target) - softmax(z) (n, V) fp32, and log softmax(z)[target] (n,)."""
-    logp = torch.log_softmax(z.float(), dim=1)  # (n, V)
-    picked = logp.gather(1, targets[:, None])[:, 0]
-    p = logp.exp_().neg_()
-    p.scatter_add_(1, targets[:, None], p.new_ones(targets.shape[0], 1))
-    return p, picked
+def one_hot_minus_softmax(z, targets, buffer=None):
+    """For logits z (m, V): one_hot(target) - softmax(z) (m, V) fp32, and log softmax(z)[target] (m,).
+    buffer (m, V) fp32 or None: where to work (a CPU reuses one, see LinearCrossEntropy)."""
+    picked = z.gather(1, targets[:, None]).float()  # (m, 1), before z (fp32 on a GPU: zf is z) is overwritten
+    zf = buffer.copy_(z) if buffer is not None else z.float()
+    top = zf.amax(dim=1, keepdim=True)  # subtracted before exp: nothing overflows
+    p = zf.sub_(top).exp_()
+    s = p.sum(dim=1, keepdim=True)
+    logp = (picked - top - s.log())[:, 0]
+    p.div_(s).neg_().scatter_add_(1, targets[:, None], p.new_ones(targets.shape[0], 1))
+    return p, logp

@@ -300,3 +300,27 @@ def test_two_processes_equal_one_with_accumulation(tiny_model_dir, pairs_file, t
     assert mine.keys() == ref.keys() and all(v.numel() > 0 for v in mine.values())
     for key in ref:
         torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("buffer", [False, True])
+def test_one_hot_minus_softmax_in_fp32_with_and_without_a_buffer(buffer):
+    """A GPU works on the fp32 logits in place (no buffer): the target's log-prob is read before."""
+    from nanotune.loss import one_hot_minus_softmax
+    z, t = torch.randn(5, 11), torch.randint(0, 11, (5,))
+    p, logp = one_hot_minus_softmax(z.clone(), t, torch.empty(5, 11) if buffer else None)
+    torch.testing.assert_close(logp, F.log_softmax(z, 1).gather(1, t[:, None])[:, 0])
+    torch.testing.assert_close(p, F.one_hot(t, 11) - F.softmax(z, 1))
+
+
+def test_the_demo_reward_accuracy_rises(tmp_path):
+    """The README's demo, shortened: DPO on the bundled pairs from a fresh LoRA on the bundled model. Before
+    training every reward is 0 (accuracy 0); a few steps make the chosen answers win on held-out pairs."""
+    out, data = tmp_path / "demo", tmp_path / "pairs.jsonl"
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "data",
+                           "pairs.jsonl")) as f:
+        data.write_text("".join(f.readlines()[:80]))  # the reference pass scores every pair: a few are enough
+    train_here("--data", data, "--out", out, "--objective", "dpo", "--max-steps", 6, "--batch-size", 8,
+               "--warmup-steps", 2, "--lr", 3e-3, "--eval-every", 0, "--eval-exact-match", 0, "--val-fraction", 0.2)
+    evals = [row for row in metrics(out) if "eval_reward_accuracy" in row]
+    assert evals[0]["eval_reward_accuracy"] == 0 and evals[-1]["eval_reward_accuracy"] >= 0.6, evals  # measured 0.75
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05  # measured 0.693 -> 0.584
