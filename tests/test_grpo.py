@@ -192,3 +192,16 @@ def test_two_processes_equal_one_with_accumulation(tiny_model_dir, rows_file, tm
     for key in ("reward", "reward_std", "completion_length"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in one], rel=1e-6)
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-4, abs=1e-6)
+
+
+def test_reward_rises(tiny_model_dir, rows_file, tmp_path):
+    """The demo in small: GRPO raises a reward the random tiny model rarely earns at first (a completion
+    with an 'e' in its two tokens) to most completions within 12 steps."""
+    (tmp_path / "e.py").write_text("def has_e(prompts, completions, references):\n"
+                                   "    return [float('e' in c) for c in completions]\n")
+    out = tmp_path / "out"
+    train_here("--model", tiny_model_dir, "--data", rows_file, "--out", out, *STEPS, "--max-steps", 12,
+               "--batch-size", 4, "--num-generations", 8, "--max-new-tokens", 2, "--lr", 3e-2, "--warmup-steps", 0,
+               "--no-lora", "--reward", f"{tmp_path / 'e.py'}:has_e")
+    rewards = [row["reward"] for row in metrics(out)]
+    assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-3:]) / 3 > 0.5, rewards
