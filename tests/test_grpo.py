@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import alpaca_rows, run_torchrun, tiny_config, train_here, train_refused
+from conftest import ROOT, alpaca_rows, run_torchrun, tiny_config, train_here, train_refused
 from nanotune.grpo import advantages, grpo, grpo_token_loss, prompt_turns
 from nanotune.loss import IGNORE
 from nanotune.models.gpt_neox import GPTNeoX
-from nanotune.rewards import exact_match, length
+from nanotune.rewards import exact_match, length, load_rewards
 
 STEPS = ["--objective", "grpo", "--max-steps", 2, "--batch-size", 2, "--num-generations", 4, "--max-new-tokens", 8,
          "--log-every", 1, "--eval-every", 0, "--eval-exact-match", 0, "--lora-dropout", 0, "--val-fraction", 0]
@@ -102,6 +102,8 @@ def test_loss_and_kl_against_full_logits(rollout, per_sequence):
 
 def test_rewards_and_prompt_formats():
     assert exact_match(None, [" blue cat ", "cat"], ["blue cat", "blue cat"]) == [1.0, 0.0]
+    (name, words_in_place), = load_rewards((os.path.join(ROOT, "examples", "word_rewards.py:words_in_place"),))
+    assert name == "words_in_place" and words_in_place(None, ["b a", "b x c", ""], ["b a"] * 3) == [1.0, 1 / 3, 0.0]
     assert length(None, ["abcd", "", "abcdefghijkl"], ["abcd", "ab", "abcd"]) == [0.0, -1.0, -1.0]
     assert length(None, ["abc"], ["abcd"]) == [-0.25]
     alpaca = prompt_turns({"instruction": "Reverse.", "input": "a b", "output": "b a"}, "row")
