@@ -209,7 +209,7 @@ class Rollouts:
         scores = scores.T.reshape(len(rank_rows), -1, len(self.rewards))  # (micro-batches, B * G, functions)
         for rows, per_function in zip(rank_rows, scores):
             reward = per_function @ self.weights  # (B * G,)
-            rows["reward"], rows["per_function"] = reward, per_function
+            rows["reward"] = reward
             input_ids, labels = collate(rows["examples"], self.template.tokenizer.pad_id)
             batch = [input_ids.to(self.world.device), labels.to(self.world.device),
                      advantages(reward, self.G, self.args.scale_rewards).to(self.world.device)]

@@ -52,7 +52,7 @@ def load_rewards(specs: tuple):
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:  # the user's file: say where it failed, in one sentence
-            raise UserError(f"--reward {spec}: importing {path} raised {type(e).__name__}: {e}") from None
+            raise UserError(f"--reward {spec}: importing {path} raised {type(e).__name__}: {' '.join(str(e).split())}") from None
         function = getattr(module, name, None)
         if not callable(function):
             raise UserError(f"--reward {spec}: {path} has no function {name!r}; define "
@@ -78,7 +78,7 @@ def score(rewards, prompts, completions, references):
         try:
             values = function(list(prompts), list(completions), list(references))
         except Exception as e:
-            raise UserError(f"reward {name} raised {type(e).__name__}: {e}") from None
+            raise UserError(f"reward {name} raised {type(e).__name__}: {' '.join(str(e).split())}") from None
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):
