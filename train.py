@@ -29,9 +29,9 @@ from nanotune.generate import generate
 from nanotune.grpo import Rollouts, evaluate_rewards, load_prompts
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
-from nanotune.objectives import NAMES as OBJECTIVES, WITH_REFERENCE, FIGURES, check_objective_flags, objective
-from nanotune.pairs import PairBatches, Pairs, attach_reference, evaluate_pairs, load_reference, save_reference
 from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, parse_size, save_pretrained
+from nanotune.objectives import FIGURES, NAMES as OBJECTIVES, WITH_REFERENCE, check_objective_flags, objective
+from nanotune.pairs import PairBatches, Pairs, attach_reference, evaluate_pairs, load_reference, save_reference
 from nanotune.plot import report
 from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, resolve
 from nanotune.quantize import quant_bits, quantize
@@ -209,19 +209,20 @@ def train(args, world):
     # Data: tokenized once into a memory-mapped store, then read in a seeded order that is a pure
     # function of the step: rows, or with --packing sequences of --max-seq-len tokens packed with rows.
     train_rows, val = load_data(args, template)
-    pairs = args.objective not in ("sft", "grpo")  # a unit of data is then a pair, chosen and rejected rows (nanotune.pairs)
+    pairs = args.objective not in ("sft", "grpo")  # a unit of data is then a pair: chosen, rejected (nanotune.pairs)
     first = train_rows[0] if pairs else [train_rows[0]]
     print0(f"the first {'pair' if pairs else 'row'} as the model sees it, {'trained tokens in [[brackets]]'} "
            f"(template {args.template}):\n" + "\n".join(show(ex, tokenizer, color=False) for ex in first))
+    seq_len = (2 if pairs else 1) * args.max_seq_len if args.packing else None  # a packed pair fits 2 x max_seq_len
     if args.objective == "grpo":  # its data: the prompts with completions sampled and scored each step
         batches = Rollouts(train_rows, wrapped, template, args, world, precision, named_trainable)
     else:
         batches = (PairBatches if pairs else Batches)(train_rows, args.batch_size, args.grad_accum, world.size,
-                                                      world.rank, args.seed, tokenizer.pad_id, seq_len=args.max_seq_len if args.packing else None)
+                                                      world.rank, args.seed, tokenizer.pad_id, seq_len)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
-    unit = f"sequences of {args.max_seq_len} tokens (packed from {len(train_rows)} rows)" if args.packing else \
-        "pairs" if pairs else f"prompts x {args.num_generations} completions" if args.objective == "grpo" else "rows"
-    print0(f"training: {len(train_rows)} {'pairs' if pairs else 'rows'}, {len(val)} held out; global batch {batches.global_batch} {unit} "
+    rows = "pairs" if pairs else "prompts" if args.objective == "grpo" else "rows"
+    unit = f"sequences of {batches.seq_len} tokens (packed from {len(train_rows)} {rows})" if args.packing else rows
+    print0(f"training: {len(train_rows)} {rows}, {len(val)} held out; global batch {batches.global_batch} {unit} "
            f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {world.size} process(es); "
            f"{total} steps")
 
@@ -236,7 +237,7 @@ def train(args, world):
                 attach_reference(wrapped, rows, args.batch_size, tokenizer.pad_id, world, precision)
             if world.is_main:
                 save_reference(reference_file, train_rows, val)
-            print0(f"reference log-probs of {len(train_rows) + len(val)} pairs computed in {time.time() - clock:.1f}s")
+            print0(f"reference: log-probs of {len(train_rows) + len(val)} pairs computed in {time.time() - clock:.1f}s")
     step_objective = objective(args)
 
     # Resume: weights, AdamW moments, RNG, loss scale; the data position is the step itself.
@@ -254,15 +255,17 @@ def train(args, world):
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro, n_tokens = batches.step(step)  # grpo: sampled now (nanotune.grpo.Rollouts)
+        n_units = batches.pairs(step) if pairs else batches.global_batch  # pairs: a packed step's vary in number
         update_clock = time.time()
         step_loss, step_figures = 0.0, dict.fromkeys(FIGURES if pairs else (), 0.0)
         for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, documents)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
-            # Dividing by the global batch's token count (times the world size, since DDP and FSDP
-            # average gradients over ranks) makes the gradient the mean over every trained token of
-            # the step, however rows are split over micro-batches and ranks.
+            # The objective gives this micro-batch's share of the global batch's mean: its summed loss over
+            # the global batch's trained tokens (SFT) or pairs (nanotune.objectives). Times the world size,
+            # since DDP and FSDP average gradients over ranks, the gradient is the mean over the step,
+            # however rows are split over micro-batches and ranks.
             with precision.context(world.device):
-                loss, figures = step_objective(wrapped, [t.to(world.device) for t in batch], n_tokens, batches.global_batch)
+                loss, figures = step_objective(wrapped, [t.to(world.device) for t in batch], n_tokens, n_units)
                 loss = loss * world.size
             for key, value in figures.items():
                 step_figures[key] = step_figures.get(key, 0.0) + value

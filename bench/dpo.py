@@ -102,8 +102,8 @@ def pick_pairs(args, folder):
     if len(kept) < need:
         sys.exit(f"only {len(kept)} pairs of {args.data} fit --max-len {args.max_len}; {need} are needed")
     json.dump(kept, open(os.path.join(folder, "pairs.json"), "w"))
-    trl_rows = [{"prompt": [{"role": {"human": "user", "gpt": "assistant", "system": "system"}[m["from"]], "content": m["value"]}
-                            for m in row["conversations"]],
+    role = {"human": "user", "gpt": "assistant", "system": "system"}
+    trl_rows = [{"prompt": [{"role": role[m["from"]], "content": m["value"]} for m in row["conversations"]],
                  "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
                  "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}]} for row in kept]
     json.dump(trl_rows, open(os.path.join(folder, "trl_pairs.json"), "w"))
@@ -160,8 +160,8 @@ def nanotune_child(args):
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - clock)
         cpu.append(time.process_time() - cpu_clock)
-    return {"step_s": sum(times[args.warmup:]), "cpu_s": sum(cpu[args.warmup:]), "reference_s": reference_s, "reference_cpu_s": reference_cpu_s,
-            "train_mb": (rss_kb("VmHWM") - base) / 1024}
+    return {"step_s": sum(times[args.warmup:]), "cpu_s": sum(cpu[args.warmup:]), "reference_s": reference_s,
+            "reference_cpu_s": reference_cpu_s, "train_mb": (rss_kb("VmHWM") - base) / 1024}
 
 
 def trl_child(args):
@@ -190,10 +190,12 @@ def trl_child(args):
                        logging_steps=10**6, dataloader_num_workers=0, max_grad_norm=1.0)
     trainer = DPOTrainer(model=model, args=config, train_dataset=data,
                          processing_class=AutoTokenizer.from_pretrained(args.work),
-                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                                task_type="CAUSAL_LM"), callbacks=[Clock()])
+                         peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+                         callbacks=[Clock()])
     trainer.train()
-    return {"step_s": sum(times[args.warmup:]), "cpu_s": sum(cpu[args.warmup:]), "train_mb": (rss_kb("VmHWM") - base) / 1024}
+    return {"step_s": sum(times[args.warmup:]), "cpu_s": sum(cpu[args.warmup:]),
+            "train_mb": (rss_kb("VmHWM") - base) / 1024}
 
 
 def child(args):

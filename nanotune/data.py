@@ -120,8 +120,8 @@ def turns(row, where: str):
     if not isinstance(row, dict):
         raise UserError(f"{where}: each row must be a JSON object, not {type(row).__name__}")
     if "chosen" in row or "rejected" in row:
-        raise UserError(f"{where}: a preference pair (chosen/rejected) cannot train --objective sft; pass "
-                        "--objective dpo, ipo, simpo or orpo, or give rows with an answer ('output' or 'conversations')")
+        raise UserError(f"{where}: a preference pair (chosen/rejected) cannot train --objective sft; pass --objective "
+                        "dpo, ipo, simpo or orpo, or give rows with an answer ('output' or 'conversations')")
     system = field(row, "system", where, required=False) or None
     if "conversations" in row:
         conv = row["conversations"]
@@ -204,7 +204,8 @@ def completion(value, where):
             raise UserError(f"{where}: the completion must be an assistant message, not {value.get(keys[0])!r}")
         value = turns[0][1]
     if not isinstance(value, str):
-        raise UserError(f"{where}: the completion must be a string or one assistant message, not {type(value).__name__}")
+        raise UserError(f"{where}: the completion must be a string or one assistant message, "
+                        f"not {type(value).__name__}")
     if not value.strip():
         raise UserError(f"{where}: the completion is empty; remove the pair or give it an answer")
     return value
@@ -268,8 +269,8 @@ def load_examples(path, template, max_seq_len, train_on_prompt=False, mask_histo
         examples += group
     if not examples:
         raise all_empty(path, max_seq_len)
-    log(f"data: {len(examples) // (1 + pairs)} {'pairs' if pairs else 'rows'} from {path}; {n_cut} rows cut to "
-        f"--max-seq-len {max_seq_len}, {dropped} {'pairs' if pairs else 'rows'} dropped with no response token left")
+    log(f"data: {len(examples) // (1 + pairs)} {'pairs' if pairs else 'rows'} from {path}; {n_cut} cut to "
+        f"--max-seq-len {max_seq_len}, {dropped} dropped with no response token left")
     return examples
 
 
@@ -399,11 +400,11 @@ def main(argv=None):
                              log=lambda line: print(line, file=sys.stderr), pairs=pairs)  # --objective dpo reads them
     except UserError as e:
         sys.exit(f"error: {e}")
-    for i, ex in enumerate(rows[:args.show * (1 + pairs)]):
+    for k, ex in enumerate(rows[:args.show * (1 + pairs)]):
         if args.json:
             print(json.dumps({"tokens": ex.tokens, "trained": [i > 0 and t for i, t in enumerate(ex.trained)]}))
         else:
-            label = ("chosen:\n", "rejected:\n")[i % 2] if pairs else ""
+            label = ("chosen:\n", "rejected:\n")[k % 2] if pairs else ""
             print(label + show(ex, tokenizer, sys.stdout.isatty()) + "\n")
 
 

@@ -8,7 +8,7 @@
     orpo   Hong et al. 2024, eq. 6-7: SFT's loss on the chosen answers plus an odds-ratio term
     grpo   Shao et al. 2024: on completions sampled each step and scored by rewards (nanotune.grpo)
 
-A preference micro-batch holds P pairs as 2P rows, the P chosen rows and then the P rejected ones, in one
+A preference micro-batch holds P pairs as 2P rows, each chosen row followed by its rejected one, in one
 forward (nanotune.pairs). Every objective rests on one piece, row_logps: the summed log-probability of each
 row's trained tokens, from the fused head (nanotune.loss.token_logprobs: no (rows x T x V) logits kept for
 the backward). The reference, for dpo and ipo, is the model training starts from: its row_logps were
@@ -35,11 +35,20 @@ FIGURES = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accura
            "logps_rejected")
 
 
-def row_logps(model, input_ids, labels):
+def row_logps(model, input_ids, labels, positions=None, documents=None):
     """(summed log-probability of each row's trained tokens (R,) fp32, their count (R,)): the shared piece
-    of every objective (SFT's loss is minus its sum; a policy gradient would weigh the (R, T) terms)."""
-    token = model(input_ids, labels, logprobs=True)  # (R, T), 0 where labels == IGNORE
-    return token.sum(1), (labels != IGNORE).sum(1)
+    of every objective (SFT's loss is minus its sum; a policy gradient would weigh the (B, T) terms). The
+    rows are those of input_ids (B, T), or of packed sequences (nanotune.packing) their documents in order,
+    the padding after the last row left out (it trains no token; every row trains at least one)."""
+    token = model(input_ids, labels, positions, documents, logprobs=True)  # (B, T), 0 where labels == IGNORE
+    trained = labels != IGNORE
+    if documents is None:
+        return token.sum(1), trained.sum(1)
+    slot = (torch.arange(documents.shape[0], device=documents.device)[:, None] * (documents.max() + 1)
+            + documents).flatten()  # (B*T,) the (sequence, document) each position belongs to
+    sums = token.new_zeros(int(slot.max()) + 1).index_add(0, slot, token.flatten())
+    counts = torch.zeros_like(sums, dtype=torch.long).index_add(0, slot, trained.flatten().long())
+    return sums[counts > 0], counts[counts > 0]
 
 
 # --- The losses, from per-pair log-probs (P,) to (loss per pair, chosen reward, rejected reward) -------------
@@ -77,20 +86,20 @@ def sft(model, batch, n_tokens, n_pairs):
     return model(*batch) / n_tokens, {}
 
 
-def preference(loss_fn, mean, nll, model, batch, n_tokens, n_pairs):
-    """A pair objective. batch: input_ids, labels (2P, T), and for dpo and ipo the reference's row_logps (2P,).
-    mean: loss_fn reads mean log-probs m = logp / trained tokens, not sums; nll: add SFT's loss on the chosen."""
-    input_ids, labels, *reference = batch
-    logps, counts = row_logps(model, input_ids, labels)
-    P = logps.shape[0] // 2
+def preference(loss_fn, mean, nll, with_reference, model, batch, n_tokens, n_pairs):
+    """A pair objective. batch: the model's inputs (input_ids, labels, packed ones also positions, documents),
+    and with_reference the reference's row_logps (2P,) last. mean: loss_fn reads mean log-probs
+    m = logp / trained tokens, not sums; nll: add SFT's loss on the chosen answers."""
+    inputs, reference = (batch[:-1], batch[-1:]) if with_reference else (batch, [])
+    logps, counts = row_logps(model, *inputs)  # (2P,) c0 r0 c1 r1 ...
     scores = [logps / counts if mean else logps] + [r / counts if mean else r for r in reference]
-    losses, reward_c, reward_r = loss_fn(*(s[half] for s in scores for half in (slice(P), slice(P, None))))
+    losses, reward_c, reward_r = loss_fn(*(s[k::2] for s in scores for k in (0, 1)))
     loss = losses.sum() / n_pairs
     if nll:  # ORPO's SFT term: the mean NLL per trained token of the chosen answers of the global batch
-        loss = loss - logps[:P].sum() / n_tokens
+        loss = loss - logps[0::2].sum() / n_tokens
     figures = {"rewards_chosen": reward_c.sum(), "rewards_rejected": reward_r.sum(),
                "reward_margin": (reward_c - reward_r).sum(), "reward_accuracy": (reward_c > reward_r).sum(),
-               "logps_chosen": logps[:P].detach().sum(), "logps_rejected": logps[P:].detach().sum()}
+               "logps_chosen": logps[0::2].detach().sum(), "logps_rejected": logps[1::2].detach().sum()}
     return loss, {k: float(v) / n_pairs for k, v in figures.items()}
 
 
@@ -106,7 +115,7 @@ def objective(args):
                      "ipo": (partial(ipo_loss, beta=args.beta), True),
                      "simpo": (partial(simpo_loss, beta=args.beta, gamma=args.simpo_gamma), True),
                      "orpo": (partial(orpo_odds_loss, beta=args.beta), True)}[args.objective]
-    return partial(preference, loss_fn, mean, args.objective == "orpo")
+    return partial(preference, loss_fn, mean, args.objective == "orpo", args.objective in WITH_REFERENCE)
 
 
 def check_objective_flags(args):
@@ -124,10 +133,9 @@ def check_objective_flags(args):
         args.beta = 2.0 if args.objective == "simpo" else 0.1
     if args.objective == "simpo" and args.simpo_gamma is None:
         args.simpo_gamma = 0.5
-    if args.train_on_prompt or args.packing:
-        raise UserError(f"--{'train-on-prompt' if args.train_on_prompt else 'packing'} is not offered with "
-                        f"--objective {args.objective}: a pair trains on its final answers, a padded micro-batch "
-                        "at a time; drop the flag")
+    if args.train_on_prompt:
+        raise UserError(f"--train-on-prompt is not offered with --objective {args.objective}: a pair trains on its "
+                        "final answers; drop the flag")
     if not args.beta > 0:
         raise UserError(f"--beta must be > 0, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:

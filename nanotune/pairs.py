@@ -3,10 +3,17 @@
 A store built with pairs=True (nanotune.store) holds each pair as two consecutive rows, chosen then
 rejected, each exactly the SFT row of its conversation trained on the final answer. Pairs shows them a
 pair at a time, so Batches (nanotune.data) reads pairs as it reads rows: the same seeded order, the same
-split over micro-batches and processes. A micro-batch of P pairs is one forward of 2P rows:
+split over micro-batches and processes. A micro-batch of P pairs is one forward of 2P rows, each pair's
+chosen row followed by its rejected one:
 
-    input_ids, labels  (2P, T)   rows 0..P-1 the chosen answers, rows P..2P-1 the rejected, right-padded
-    reference          (2P,)     the reference's summed log-probs of the same rows (dpo and ipo)
+    input_ids, labels  (2P, T)   rows c0 r0 c1 r1 ..., right-padded
+    reference          (2P,)     the reference's summed log-probs of the same rows, in that order (dpo and ipo)
+
+With --packing, the rows of a micro-batch's pairs go back to back into sequences of 2 x --max-seq-len
+positions (nanotune.packing; a pair always fits one), each row attending only to itself:
+
+    input_ids, labels, positions, documents  (S, 2 x max_seq_len)   documents 0 1 2 3 ... = c0 r0 c1 r1 ...
+    reference                                (2P,)
 
 The reference is the model training starts from (the base, or the base with --adapter; a full fine-tune's
 starting weights). Its log-probs are computed once, before step 1, with dropout off, and kept with the
@@ -14,12 +21,15 @@ pairs (attach_reference): no second model is held and no step runs a second forw
 reads them from OUT/reference.safetensors instead, since its model has moved on.
 """
 import math
+import os
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
+from nanotune import UserError
 from nanotune.data import Batches, Example, collate, encode, pair_turns, rows_at
+from nanotune.packing import collate_packed
 from nanotune.distributed import all_reduce_sum
 from nanotune.objectives import FIGURES, row_logps
 
@@ -31,9 +41,9 @@ class Pairs:
     def __init__(self, store, index=None, reference=None):
         self.store, self.reference = store, reference
         self.index = np.arange(len(store) // 2) if index is None else np.asarray(index, dtype=np.int64)
-        chosen, rejected = 2 * self.index, 2 * self.index + 1
-        self.lengths = store.lengths[chosen] + store.lengths[rejected]  # (pairs,)
-        self.targets = store.targets[chosen]  # (pairs,): ORPO's SFT term is a mean over the chosen answers' tokens
+        self.targets = store.targets[2 * self.index]  # (pairs,) the chosen answers' tokens: ORPO's SFT term's count
+        # (pairs,) what packing counts: a pair takes the positions of both rows, (lc - 1) + (lr - 1)
+        self.lengths = store.lengths[2 * self.index] + store.lengths[2 * self.index + 1] - 1
 
     def __len__(self):
         return len(self.index)
@@ -45,14 +55,18 @@ class Pairs:
     def subset(self, index):
         return Pairs(self.store, self.index[index], None if self.reference is None else self.reference[index])
 
-    def collate(self, positions, pad_id):
-        """The micro-batch of the pairs at these positions (see the picture above)."""
-        pairs = [self[int(i)] for i in positions]
-        batch = collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+    def collate(self, positions, pad_id, seq_len=None):
+        """The micro-batch of the pairs at these positions (see the picture above); seq_len: packed, positions
+        then a list of sequences, each a list of positions."""
+        if seq_len is None:
+            batch = collate([row for i in positions for row in self[int(i)]], pad_id)
+        else:
+            batch = collate_packed([[row for i in sequence for row in self[int(i)]] for sequence in positions],
+                                   seq_len, pad_id)
+            positions = np.concatenate(positions)
         if self.reference is None:
             return batch
-        ref = torch.from_numpy(self.reference[np.asarray(positions)])  # (P, 2)
-        return (*batch, torch.cat([ref[:, 0], ref[:, 1]]))
+        return (*batch, torch.from_numpy(self.reference[np.asarray(positions)].reshape(-1)))  # (P, 2) -> c0 r0 c1 ...
 
     def scored(self, k, template):
         """Up to k pairs as exact-match rows: the prompt, and the chosen answer as the reference."""
@@ -66,10 +80,18 @@ class Pairs:
 
 
 class PairBatches(Batches):
-    """Batches (nanotune.data) whose unit is a pair: --batch-size pairs per micro-batch, 2x as many rows."""
+    """Batches (nanotune.data) whose unit is a pair: --batch-size pairs per micro-batch, 2x as many rows; with
+    seq_len (--packing: 2 x --max-seq-len) a sequence packed with pairs."""
 
     def collate(self, units):
-        return self.rows.collate([int(unit[0]) for unit in units], self.pad_id)
+        if self.seq_len is None:
+            return self.rows.collate([int(unit[0]) for unit in units], self.pad_id)
+        return self.rows.collate([unit.tolist() for unit in units], self.pad_id, self.seq_len)
+
+    def pairs(self, step):
+        """How many pairs the global batch of `step` holds, the pair losses' divisor: global_batch, or with
+        packing the pairs in its sequences."""
+        return sum(len(unit) for unit in self.global_rows(step))
 
 
 def passes(model, pairs, batch_size, pad_id, world):
@@ -93,7 +115,7 @@ def attach_reference(model, pairs, batch_size, pad_id, world, precision):
         with precision.context(world.device):
             logps = row_logps(model, input_ids, labels)[0].float().cpu().numpy()
         if positions:
-            total[positions] = logps.reshape(2, -1).T  # (2P,) chosen then rejected -> (P, 2)
+            total[positions] = logps.reshape(-1, 2)  # (2P,) c0 r0 c1 r1 ... -> (P, 2)
     pairs.reference = np.asarray(all_reduce_sum(total.flatten().tolist()), dtype=np.float32).reshape(-1, 2)
 
 
@@ -116,6 +138,10 @@ def save_reference(path, train, val):
 
 
 def load_reference(path, train, val):
+    if not os.path.exists(path):
+        raise UserError(f"--resume: {path} is missing: it holds the reference log-probs the run computed before "
+                        "step 1, which a resumed run cannot compute again (its model has moved on); copy it beside "
+                        "the checkpoints, or train again from step 0")
     saved = load_file(path)
     train.reference = saved["train"]
     if val:

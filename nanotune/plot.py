@@ -6,7 +6,8 @@ exact match before and after training. A preference run (--objective dpo, ...) a
 share of pairs whose chosen answer has the higher reward, and the mean reward margin; a grpo run one:
 the mean reward of its sampled completions, and of greedy ones on held-out prompts. One run is drawn
 to OUT/loss.png, which train.py also writes at the end of every run; several runs, one colour each, to
---out (default: runs.png), to compare them. matplotlib is an optional extra (pip install nanotune[plot]), imported only here.
+--out (default: runs.png), to compare them. matplotlib is an optional extra (pip install nanotune[plot]),
+imported only here.
 """
 import argparse
 import json

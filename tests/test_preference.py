@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import alpaca_rows, run_torchrun, train_here, train_refused
 from nanotune import UserError
-from nanotune.data import encode, load_examples, pair_turns, turns
+from nanotune.data import encode, load_examples, main as data_main, pair_turns, turns
 from nanotune.loss import IGNORE, token_logprobs
 from nanotune.lora import load_adapter
 from nanotune.models import from_pretrained
@@ -72,27 +72,34 @@ def test_losses_match_their_formulas():
     assert loss.item() == pytest.approx(-beta * math.log(sig(math.log(odds[0] / odds[1]))))
 
 
-@pytest.mark.parametrize("wrapped_head", [False, True])
-def test_token_logprobs_and_gradients_match_log_softmax(wrapped_head):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("head", ["frozen", "trains", "wrapped"])
+def test_token_logprobs_and_gradients_match_log_softmax(device, dtype, tol, head):
+    """token_logprobs against log_softmax through autograd, with per-token upstream gradients as a pair loss
+    gives: 3 x 100 positions in chunks of 64 (the last ragged), CPU_ROWS softmax blocks on a CPU; a head
+    that trains (its gradient recomputed in the backward), and a wrapped head (plain autograd)."""
     torch.manual_seed(0)
-    head = nn.Linear(8, 11, bias=False)
-    h = torch.randn(3, 5, 8, requires_grad=True)
-    labels = torch.randint(0, 11, (3, 5))
-    labels[0, :2] = labels[2, 4] = IGNORE
-    g = torch.randn(3, 5)  # per-token upstream gradients, as a pair loss gives
-    mine = token_logprobs(h, labels, nn.Sequential(head) if wrapped_head else head, chunk=4)  # several chunks
-    (mine * g).sum().backward()
-    grads = h.grad.clone(), head.weight.grad.clone()
-    h.grad = head.weight.grad = None
-    logp = F.log_softmax(h @ head.weight.T, -1).gather(2, labels.clamp(min=0)[..., None])[..., 0]
-    ref = torch.where(labels != IGNORE, logp, 0.0)
-    (ref * g).sum().backward()
-    torch.testing.assert_close(mine, ref)
-    torch.testing.assert_close(grads[0], h.grad)
-    torch.testing.assert_close(grads[1], head.weight.grad)
+    linear = nn.Linear(32, 97, bias=False, device=device).requires_grad_(head != "frozen")
+    h = torch.randn(3, 100, 32, device=device, requires_grad=True)
+    labels = torch.randint(0, 97, (3, 100), device=device)
+    labels[0, :20] = labels[2, 90:] = IGNORE
+    g = torch.randn(3, 100, device=device)
+    wanted = [h, linear.weight] if head != "frozen" else [h]
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        mine = token_logprobs(h, labels, nn.Sequential(linear) if head == "wrapped" else linear, chunk=64)
+        logits = F.linear(h.to(dtype), linear.weight.to(dtype)).float()
+    ref = torch.where(labels != IGNORE, F.log_softmax(logits, -1).gather(2, labels.clamp(min=0)[..., None])[..., 0], 0.0)
+    assert mine.dtype == torch.float32
+    torch.testing.assert_close(mine, ref, rtol=tol, atol=tol)
+    for a, b in zip(torch.autograd.grad((mine * g).sum(), wanted), torch.autograd.grad((ref * g).sum(), wanted)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        torch.testing.assert_close(token_logprobs(h, labels, linear, chunk=64), ref, rtol=tol, atol=tol)  # evaluation
 
 
-def test_pair_formats_are_the_sft_rows_of_the_conversation(tmp_path, alpaca, tiny_model_dir):
+def test_pair_formats_are_the_sft_rows_of_the_conversation(tmp_path, alpaca, tiny_model_dir, capsys):
     """TRL's strings and messages, LLaMA-Factory's Alpaca and ShareGPT: the same pair, the same ids; the
     chosen row is the SFT row of the conversation ending in it, trained on its final answer (and EOS)."""
     history = [{"from": "human", "value": "cat dog"}, {"from": "gpt", "value": "dog cat"},
@@ -120,8 +127,10 @@ def test_pair_formats_are_the_sft_rows_of_the_conversation(tmp_path, alpaca, tin
             assert read[name][k] == (ex.tokens, ex.trained)
             trained = [t for t, keep in zip(ex.tokens, ex.trained) if keep]
             assert alpaca.tokenizer.decode(trained[:-1]) == answer and trained[-1] == 0  # the answer and EOS
-    store = load_examples(str(tmp_path / "sharegpt.json"), alpaca, 256, pairs=True)
-    assert len(store) == 2
+    capsys.readouterr()
+    data_main(["--model", tiny_model_dir, "--data", str(tmp_path / "sharegpt.json"), "--show", "1"])
+    shown = capsys.readouterr().out
+    assert shown.startswith("chosen:\n") and "\nrejected:\n" in shown and "[[blue<|endoftext|>]]" in shown
 
 
 @pytest.mark.parametrize("row,message", [
@@ -158,7 +167,7 @@ def test_objective_figures_match_per_row_cross_entropy(tiny_model_dir, name):
     """preference() on a tiny model against per-row cross_entropy of its logits and the formulas above."""
     torch.manual_seed(0)
     model = from_pretrained(tiny_model_dir)
-    input_ids = torch.randint(0, 300, (4, 9))  # 2 pairs: rows 0, 1 chosen, rows 2, 3 rejected
+    input_ids = torch.randint(0, 300, (4, 9))  # 2 pairs: rows 0, 2 chosen, rows 1, 3 rejected
     labels = torch.randint(0, 300, (4, 9))
     labels[:, :3] = IGNORE
     labels[1, 7:] = IGNORE
@@ -169,12 +178,12 @@ def test_objective_figures_match_per_row_cross_entropy(tiny_model_dir, name):
                      "orpo": (lambda *a: orpo_odds_loss(*a, beta), True)}[name]
     batch = (input_ids, labels, reference) if name in ("dpo", "ipo") else (input_ids, labels)
     n_tokens = 40  # the global batch's chosen tokens, as Batches counts them
-    loss, figures = preference(loss_fn, mean, name == "orpo", model, batch, n_tokens, 2)
+    loss, figures = preference(loss_fn, mean, name == "orpo", name in ("dpo", "ipo"), model, batch, n_tokens, 2)
 
     ce = F.cross_entropy(model(input_ids).transpose(1, 2), labels, reduction="none")  # (4, 9), 0 where IGNORE
     logp, n = -ce.sum(1), (labels != IGNORE).sum(1)
     m, mref = logp / n, reference / n
-    c, r = slice(0, 2), slice(2, 4)
+    c, r = slice(0, 4, 2), slice(1, 4, 2)
     if name == "dpo":
         d = beta * ((logp[c] - reference[c]) - (logp[r] - reference[r]))
         expect = -F.logsigmoid(d).mean()
@@ -194,6 +203,31 @@ def test_objective_figures_match_per_row_cross_entropy(tiny_model_dir, name):
             "reward_accuracy": (rew_c > rew_r).float().mean(), "logps_chosen": logp[c].mean(),
             "logps_rejected": logp[r].mean()}
     assert figures == pytest.approx({k: v.item() for k, v in want.items()}, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dpo", "orpo"])
+def test_packed_pairs_compute_what_padded_ones_do(tiny_model_dir, pairs_file, alpaca, name):
+    """Pairs packed back to back (--packing), each row attending to itself: the same loss, figures and
+    gradients as the same pairs right-padded."""
+    from nanotune.objectives import objective
+    from nanotune.pairs import Pairs
+    from nanotune.store import Store
+    pairs = Pairs(Store.of(load_examples(pairs_file, alpaca, 256, pairs=True, log=lambda _: None)))
+    if name == "dpo":  # orpo has none: train.py attaches it for dpo and ipo only
+        pairs.reference = torch.randn(len(pairs), 2).numpy() - 40
+    model = from_pretrained(tiny_model_dir)
+    args = type("Args", (), {"objective": name, "beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": None})
+    results, sequences = [], [[0, 1, 2], [3, 4]]
+    seq_len = max(int(sum(pairs.lengths[s] - 1)) for s in sequences) + 3  # the second sequence ends in padding
+    for batch in (pairs.collate([0, 1, 2, 3, 4], 1), pairs.collate(sequences, 1, seq_len)):
+        model.zero_grad()
+        loss, figures = objective(args)(model, batch, 50, 5)
+        loss.backward()
+        results.append((loss.item(), figures, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, figures_a, grads_a), (loss_b, figures_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and figures_a == pytest.approx(figures_b, rel=1e-5, abs=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def metrics(out):
@@ -243,11 +277,13 @@ def test_reference_is_the_starting_model(tiny_model_dir, tiny_data, pairs_file, 
     assert metrics(tmp_path / "dpo0")[0]["eval_logps_chosen"] != metrics(tmp_path / "dpo2")[0]["eval_logps_chosen"]
 
 
-@pytest.mark.parametrize("name", ["ipo", "simpo", "orpo"])
-def test_every_objective_trains(tiny_model_dir, pairs_file, tmp_path, name):
+@pytest.mark.parametrize("name,flags", [("ipo", []), ("simpo", []), ("orpo", []), ("dpo", ["--packing"])])
+def test_every_objective_trains(tiny_model_dir, pairs_file, tmp_path, name, flags):
     out = tmp_path / name
-    train_here("--model", tiny_model_dir, "--data", pairs_file, "--out", out, "--objective", name, *STEPS,
-               "--max-steps", 2, "--eval-every", 0)
+    log = train_here("--model", tiny_model_dir, "--data", pairs_file, "--out", out, "--objective", name, *STEPS,
+                     "--max-steps", 2, "--eval-every", 0, *flags)
+    if flags:
+        assert "global batch 2 sequences of 512 tokens (packed from 28 pairs)" in log
     rows = metrics(out)
     assert rows[-1]["step"] == 2 and all(math.isfinite(rows[-1][k]) for k in ("eval_loss", "eval_reward_margin"))
     assert os.path.exists(out / "adapter" / "adapter_model.safetensors")
@@ -261,6 +297,7 @@ def test_resume_is_bitwise(tiny_model_dir, pairs_file, tmp_path):
     train_here(*common, "--out", full)
     os.makedirs(again)
     shutil.copytree(full / "checkpoints" / "step-2", again / "checkpoints" / "step-2")
+    assert "reference.safetensors is missing" in train_refused(*common, "--out", again, "--resume")
     shutil.copy(full / "reference.safetensors", again)
     assert "resumed from" in train_here(*common, "--out", again, "--resume")
     name = "adapter/adapter_model.safetensors"
