@@ -186,7 +186,8 @@ class Rollouts:
     def __init__(self, prompts, model, template, args, world, precision, named_trainable):
         self.batches = PromptBatches(prompts, args.batch_size, args.grad_accum, world.size, world.rank, args.seed)
         self.prompts, self.model, self.template, self.args = prompts, model, template, args
-        self.world, self.precision, self.G, self.iterations = world, precision, args.num_generations, args.grpo_iterations
+        self.world, self.precision = world, precision
+        self.G, self.iterations = args.num_generations, args.grpo_iterations
         self.global_batch = self.batches.global_batch  # prompts
         self.steps_per_epoch = self.batches.steps_per_epoch * self.iterations
         self.rewards = load_rewards(tuple(args.reward))
@@ -197,55 +198,58 @@ class Rollouts:
         self.kept, self.figures = None, {}
 
     def step(self, step):
-        if step % self.iterations:
+        """(micro-batches, completion tokens in the global batch) of optimizer step `step`; self.figures
+        then holds the step's rollout figures, over every process."""
+        if step % self.iterations:  # the completions sampled at the last sampling step, trained on again
             self.figures["generation_seconds"] = 0.0
             return self.kept
         clock = time.time()
-        micro, first = [], self.world.rank * self.args.grad_accum  # this rank's first micro-batch of the global batch
-        rank_rows = [self.sample(positions, step, first + i)
-                     for i, positions in enumerate(self.batches.step(step // self.iterations)[0])]
+        first = self.world.rank * self.args.grad_accum  # this rank's first micro-batch in the global batch
+        rollouts = [self.sample(positions, step, first + i)
+                    for i, positions in enumerate(self.batches.step(step // self.iterations)[0])]
         seconds = time.time() - clock
-        scores = torch.tensor(score(self.rewards, *(sum((r[k] for r in rank_rows), []) for k in ("users", "texts", "refs"))))
-        scores = scores.T.reshape(len(rank_rows), -1, len(self.rewards))  # (micro-batches, B * G, functions)
-        for rows, per_function in zip(rank_rows, scores):
-            reward = per_function @ self.weights  # (B * G,)
-            rows["reward"] = reward
-            input_ids, labels = collate(rows["examples"], self.template.tokenizer.pad_id)
-            batch = [input_ids.to(self.world.device), labels.to(self.world.device),
-                     advantages(reward, self.G, self.args.scale_rewards).to(self.world.device)]
-            if self.iterations > 1:  # the policy that generated: its log-probs, in the mode the update runs in
-                batch.append(self.logps(input_ids, labels))
-            if self.reference:
-                with self.swapped_in():
-                    batch.append(self.logps(input_ids, labels))
-            micro.append(batch)
-        # The step's figures over every process: means over all completions of the global batch.
-        reward = torch.cat([r["reward"] for r in rank_rows])
-        n = len(reward)
-        sums = all_reduce_sum([n, float(reward.sum()), float((reward ** 2).sum()), seconds,
-                               sum(len(ex.tokens) - len(ex.prompt) for r in rank_rows for ex in r["examples"]),
-                               *scores.reshape(-1, len(self.rewards)).sum(0).tolist()])
-        n, total, squares, seconds, n_tokens, *per_function = sums
-        self.figures = {"reward": total / n, "reward_std": math.sqrt(max(0.0, squares - total ** 2 / n) / max(n - 1, 1)),
+        users, texts, references = ([x for r in rollouts for x in r[key]] for key in ("users", "texts", "references"))
+        scores = torch.tensor(score(self.rewards, users, texts, references)).T  # (completions, functions)
+        rewards = scores @ self.weights  # (completions,), micro-batch after micro-batch
+        micro = [self.micro_batch(r["examples"], reward)
+                 for r, reward in zip(rollouts, rewards.split(len(rollouts[0]["examples"])))]
+        n_tokens = sum(len(ex.tokens) - len(ex.prompt) for r in rollouts for ex in r["examples"])
+        n, total, squares, seconds, n_tokens, *per_function = all_reduce_sum(
+            [len(rewards), float(rewards.sum()), float((rewards ** 2).sum()), seconds, n_tokens,
+             *scores.sum(0).tolist()])
+        self.figures = {"reward": total / n, "reward_std": math.sqrt(max(0.0, squares - total ** 2 / n) / (n - 1)),
                         **{f"reward_{name}": s / n for (name, _), s in zip(self.rewards, per_function)},
                         "completion_length": n_tokens / n, "generation_seconds": seconds / self.world.size}
         self.kept = micro, int(n_tokens)
         return self.kept
 
+    def micro_batch(self, examples, rewards):
+        """input_ids, labels (R, T), the advantages (R,), then the log-probs (R, T) of the policy that sampled
+        (when completions are trained on more than once) and of the reference (beta > 0): grpo()'s batch."""
+        input_ids, labels = (t.to(self.world.device) for t in collate(examples, self.template.tokenizer.pad_id))
+        batch = [input_ids, labels, advantages(rewards, self.G, self.args.scale_rewards).to(self.world.device)]
+        if self.iterations > 1:  # in the mode the update runs in (dropout on), as TRL
+            batch.append(self.logps(input_ids, labels))
+        if self.reference:
+            with self.swapped_in():
+                batch.append(self.logps(input_ids, labels))
+        return batch
+
     def sample(self, positions, step, index):
         """G completions of each prompt at these positions, the index-th micro-batch of the global batch:
-        Examples of prompt + completion (the completion trained, its stop token included), and the texts the
+        Examples of prompt + completion (the completion trained, its stop token included), and what the
         rewards read. The seed depends on (seed, step, index), so the same micro-batch samples the same
         completions on any number of processes."""
         seed = int(np.random.SeedSequence([self.args.seed, step, index]).generate_state(1)[0])
-        generator = torch.Generator().manual_seed(seed)
-        prompts = [self.prompts.prompts[i] for i in positions for _ in range(self.G)]
-        new = self.generate(prompts, self.args.temperature, self.args.top_p, generator)
-        tokenizer, stops = self.template.tokenizer, self.template.stop_ids
-        return {"examples": [Example(p + ids, [False] * len(p) + [True] * len(ids), p, None) for p, ids in zip(prompts, new)],
-                "texts": [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in new],
-                "users": [self.prompts.users[i] for i in positions for _ in range(self.G)],
-                "refs": [self.prompts.references[i] for i in positions for _ in range(self.G)]}
+        rows = [i for i in positions for _ in range(self.G)]  # each prompt G times, its group together
+        prompts = [self.prompts.prompts[i] for i in rows]
+        new = self.generate(prompts, self.args.temperature, self.args.top_p, torch.Generator().manual_seed(seed))
+        stops = self.template.stop_ids
+        return {"examples": [Example(p + ids, [False] * len(p) + [True] * len(ids), p, None)
+                             for p, ids in zip(prompts, new)],
+                "texts": [self.template.tokenizer.decode(ids[:-1] if ids[-1] in stops else ids) for ids in new],
+                "users": [self.prompts.users[i] for i in rows],
+                "references": [self.prompts.references[i] for i in rows]}
 
     def generate(self, prompts, temperature, top_p, generator):
         """Completions of `prompts`, each with its stop token if it reached one, with dropout off."""
@@ -301,7 +305,8 @@ def check_grpo_flags(args):
     defaults = {"num_generations": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64, "clip_eps": 0.2,
                 "grpo_iterations": 1, "loss_norm": "token", "beta": 0.0}
     if args.objective != "grpo":
-        given = [name for name in (*defaults, "reward", "reward_weights") if name != "beta" and getattr(args, name) is not None]
+        given = [name for name in (*defaults, "reward", "reward_weights")
+                 if name != "beta" and getattr(args, name) is not None]
         if given or not args.scale_rewards:
             flag = "--" + (given[0] if given else "no_scale_rewards").replace("_", "-")
             raise UserError(f"{flag} applies to --objective grpo only")
@@ -329,8 +334,9 @@ def check_grpo_flags(args):
             raise UserError(f"--{flag[2:]} is out of range: {value} (temperature > 0, top-p in (0, 1], max-new-tokens "
                             ">= 1, clip-eps in (0, 1), grpo-iterations >= 1, beta >= 0)")
     if args.save_every % args.grpo_iterations:
-        raise UserError(f"--save-every {args.save_every} must be a multiple of --grpo-iterations {args.grpo_iterations}: "
-                        "a checkpoint is written where new completions are sampled, so a resume needs none kept")
+        raise UserError(f"--save-every {args.save_every} must be a multiple of --grpo-iterations "
+                        f"{args.grpo_iterations}: a checkpoint is written where new completions are sampled, "
+                        "so a resume needs none kept")
     if args.packing or args.train_on_prompt:
         raise UserError("--packing and --train-on-prompt do not apply to --objective grpo (it trains on the "
                         "completions it samples); drop the flag")

@@ -52,7 +52,8 @@ def load_rewards(specs: tuple):
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:  # the user's file: say where it failed, in one sentence
-            raise UserError(f"--reward {spec}: importing {path} raised {type(e).__name__}: {' '.join(str(e).split())}") from None
+            raise UserError(f"--reward {spec}: importing {path} raised {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}") from None
         function = getattr(module, name, None)
         if not callable(function):
             raise UserError(f"--reward {spec}: {path} has no function {name!r}; define "
