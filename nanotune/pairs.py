@@ -107,6 +107,7 @@ def passes(model, pairs, batch_size, pad_id, world):
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # under --compile: a no-grad forward would compile the blocks again
 def attach_reference(model, pairs, batch_size, pad_id, world, precision):
     """pairs.reference (pairs, 2) float32: the starting model's summed log-probs of each chosen and rejected."""
     total = np.zeros((len(pairs), 2))

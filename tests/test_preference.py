@@ -282,8 +282,10 @@ def test_every_objective_trains(tiny_model_dir, pairs_file, tmp_path, name, flag
     out = tmp_path / name
     log = train_here("--model", tiny_model_dir, "--data", pairs_file, "--out", out, "--objective", name, *STEPS,
                      "--max-steps", 2, "--eval-every", 0, *flags)
-    if flags:
+    if flags:  # the first step's loss is the mean over its pairs, ln 2 (policy = reference), however many it packs
         assert "global batch 2 sequences of 512 tokens (packed from 28 pairs)" in log
+        step1 = metrics(out)[1]
+        assert step1["step"] == 1 and step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
     rows = metrics(out)
     assert rows[-1]["step"] == 2 and all(math.isfinite(rows[-1][k]) for k in ("eval_loss", "eval_reward_margin"))
     assert os.path.exists(out / "adapter" / "adapter_model.safetensors")
@@ -318,9 +320,11 @@ def test_nf4_base_trains(tiny_model_dir, pairs_file, tmp_path):
 
 def test_two_processes_equal_one_with_accumulation(tiny_model_dir, pairs_file, tmp_path):
     """torchrun, 2 processes (ZeRO-3 where deepspeed is installed, else DDP): the same losses and figures
-    as one process with twice the accumulation, and a complete adapter."""
+    as one process with twice the accumulation, and a complete adapter. dpo, so the reference pass runs
+    sharded too (4 held-out pairs over 2 ranks), with --packing, whose steps hold varying numbers of pairs."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ["--model", tiny_model_dir, "--data", pairs_file, "--objective", "orpo", *STEPS, "--batch-size", 1]
+    common = ["--model", tiny_model_dir, "--data", pairs_file, "--objective", "dpo", *STEPS, "--batch-size", 1,
+              "--packing", "--max-seq-len", 64]
     train_here(*common, "--out", one, "--grad-accum", 2)
     if importlib.util.find_spec("deepspeed"):
         config = tmp_path / "zero3.json"  # partition even tiny tensors, as tests/test_deepspeed.py
