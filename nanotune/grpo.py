@@ -251,6 +251,7 @@ class Rollouts:
                 "users": [self.prompts.users[i] for i in rows],
                 "references": [self.prompts.references[i] for i in rows]}
 
+    @torch.compiler.set_stance("force_eager")  # under --compile: each cached length would compile again
     def generate(self, prompts, temperature, top_p, generator):
         """Completions of `prompts`, each with its stop token if it reached one, with dropout off."""
         together = self.world.strategy in ("fsdp", "deepspeed")  # every rank in every forward: end together

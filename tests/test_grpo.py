@@ -207,3 +207,13 @@ def test_reward_rises(tiny_model_dir, rows_file, tmp_path):
                "--no-lora", "--reward", f"{tmp_path / 'e.py'}:has_e")
     rewards = [row["reward"] for row in metrics(out)]
     assert sum(rewards[:3]) / 3 < 0.2 and sum(rewards[-3:]) / 3 > 0.5, rewards
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("flags", [["--precision", "bf16", "--beta", 0.05], ["--load-in-4bit", "--precision", "bf16"]])
+def test_trains_on_the_gpu(tiny_model_dir, rows_file, tmp_path, flags):
+    """On CUDA: generation on the device with sampling on the CPU, the reference swapped in, an NF4 base."""
+    out = tmp_path / "out"
+    train_here("--model", tiny_model_dir, "--data", rows_file, "--out", out, *STEPS, "--reward", "length", *flags,
+               gpu=True)
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["reward"]) for row in metrics(out))
