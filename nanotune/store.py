@@ -16,7 +16,8 @@ the pages a process reads, shared between the processes of a machine:
 
 The key hashes everything that changes what a store holds: the data file's bytes, the model folder's
 tokenizer files, its BOS and EOS ids (config.json may give the EOS), the chat template in use (its kind,
-and a Jinja template's text), --max-seq-len, --train-on-prompt, --mask-history, and FORMAT.
+and a Jinja template's text), --max-seq-len, --train-on-prompt, --mask-history, whether the rows are
+preference pairs (each stored as two rows, chosen then rejected: nanotune.pairs), and FORMAT.
 A run with the same inputs maps the store in seconds; a changed input is another key, so another store.
 
 A store is written as checkpoints are: into a temporary folder, every file fsynced, renamed into place;
