@@ -28,6 +28,7 @@ from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, comp
                                   full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
 from nanotune.elastic import PREEMPTED, Preempted, StopSignals, grad_accum_for, restart_line
 from nanotune.generate import generate
+from nanotune.grpo import Rollouts, evaluate_rewards, load_prompts
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, load_weights, parse_size, save_pretrained
@@ -73,11 +74,26 @@ def parse_args(argv=None):
       "flags (None: OUT/data-cache)")
     a = p.add_argument_group("objective (README: preference training)").add_argument
     a("--objective", default="sft", choices=OBJECTIVES, help="sft: next-token loss on the answers of --data; "
-      "dpo, ipo, simpo, orpo: preference pairs in --data (chosen and rejected answers)")
+      "dpo, ipo, simpo, orpo: preference pairs in --data (chosen and rejected answers); grpo: completions of the "
+      "prompts of --data sampled and scored by --reward each step (README: GRPO)")
     a("--beta", type=float, help="strength of the preference term (None: 0.1 for dpo, ipo, orpo as TRL; "
       "2.0 for simpo as its paper)")
     a("--label-smoothing", type=float, default=0.0, help="dpo: the assumed share of flipped labels (cDPO), in [0, 0.5)")
     a("--simpo-gamma", type=float, help="simpo: the target reward margin gamma (None: 0.5, as TRL)")
+    a = p.add_argument_group("grpo (README: GRPO; --beta is the KL weight, None: 0.0 as TRL)").add_argument
+    a("--reward", nargs="+", help="reward functions, summed: built-ins exact_match, length, or FILE.py:FUNCTION, "
+      "def f(prompts, completions, references) -> list[float] (nanotune.rewards)")
+    a("--reward-weights", type=float, nargs="+", help="one weight per --reward (None: 1 each)")
+    a("--num-generations", type=int, help="completions G sampled per prompt, a group (None: 8)")
+    a("--max-new-tokens", type=int, help="most tokens per completion (None: 64)")
+    a("--temperature", type=float, help="sampling temperature (None: 1.0)")
+    a("--top-p", type=float, help="sample among the fewest likeliest tokens reaching p (None: 1.0)")
+    a("--no-scale-rewards", dest="scale_rewards", action="store_false", help="advantages only centred in the "
+      "group, not divided by its std (Dr. GRPO)")
+    a("--clip-eps", type=float, help="the ratio is clipped to [1 - eps, 1 + eps] (None: 0.2)")
+    a("--grpo-iterations", type=int, help="optimizer steps on each set of completions, mu (None: 1)")
+    a("--loss-norm", choices=["token", "sequence"], help="token: mean over the global batch's completion tokens "
+      "(DAPO, TRL's default); sequence: mean per completion, then over completions (the paper) (None: token)")
     a = p.add_argument_group("LoRA").add_argument
     a("--lora", action=argparse.BooleanOptionalAction, default=True, help="LoRA; --no-lora fine-tunes every weight")
     a("--lora-r", type=int, default=8, help="rank r of the update B A")
@@ -207,15 +223,18 @@ def train(args, world, stop):
     # Data: tokenized once into a memory-mapped store, then read in a seeded order that is a pure
     # function of the step: rows, or with --packing sequences of --max-seq-len tokens packed with rows.
     train_rows, val = load_data(args, template)
-    pairs = args.objective != "sft"  # a unit of data is then a pair, chosen and rejected rows (nanotune.pairs)
+    pairs = args.objective not in ("sft", "grpo")  # a unit of data is then a pair: chosen, rejected (nanotune.pairs)
     first = train_rows[0] if pairs else [train_rows[0]]
     print0(f"the first {'pair' if pairs else 'row'} as the model sees it, {'trained tokens in [[brackets]]'} "
            f"(template {args.template}):\n" + "\n".join(show(ex, tokenizer, color=False) for ex in first))
     seq_len = (2 if pairs else 1) * args.max_seq_len if args.packing else None  # a packed pair fits 2 x max_seq_len
-    batches = (PairBatches if pairs else Batches)(train_rows, args.batch_size, args.grad_accum, world.size,
-                                                  world.rank, args.seed, tokenizer.pad_id, seq_len)
+    if args.objective == "grpo":  # its data: the prompts with completions sampled and scored each step
+        batches = Rollouts(train_rows, wrapped, template, args, world, precision, named_trainable)
+    else:
+        batches = (PairBatches if pairs else Batches)(train_rows, args.batch_size, args.grad_accum, world.size,
+                                                      world.rank, args.seed, tokenizer.pad_id, seq_len)
     total = args.max_steps if args.max_steps > 0 else max(1, int(args.epochs * batches.steps_per_epoch))
-    rows = "pairs" if pairs else "rows"
+    rows = "pairs" if pairs else "prompts" if args.objective == "grpo" else "rows"
     unit = f"sequences of {batches.seq_len} tokens (packed from {len(train_rows)} {rows})" if args.packing else rows
     print0(f"training: {len(train_rows)} {rows}, {len(val)} held out; global batch {batches.global_batch} {unit} "
            f"= micro-batch {args.batch_size} x grad-accum {args.grad_accum} x {world.size} process(es); "
@@ -253,8 +272,9 @@ def train(args, world, stop):
         lr = lr_at(step, args, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro, n_tokens = batches.step(step)
+        micro, n_tokens = batches.step(step)  # grpo: sampled now (nanotune.grpo.Rollouts)
         n_units = batches.pairs(step) if pairs else batches.global_batch  # pairs: a packed step's vary in number
+        update_clock = time.time()
         step_loss, step_figures = 0.0, dict.fromkeys(FIGURES if pairs else (), 0.0)
         for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, row_lengths)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
@@ -266,7 +286,7 @@ def train(args, world, stop):
                 loss, figures = step_objective(wrapped, [t.to(world.device) for t in batch], n_tokens, n_units)
                 loss = loss * world.size
             for key, value in figures.items():
-                step_figures[key] += value
+                step_figures[key] = step_figures.get(key, 0.0) + value
             if world.strategy == "deepspeed":  # our loss is already scaled for accumulation; step() on every
                 wrapped.backward(loss, scale_wrt_gas=False)  # micro-batch, the engine updates on the last
                 wrapped.step()
@@ -288,6 +308,8 @@ def train(args, world, stop):
         else:  # DeepSpeed clipped and stepped inside wrapped.step()
             norm = wrapped.get_global_grad_norm()
             grad_norm = math.nan if norm is None else float(norm)
+        if args.objective == "grpo":  # the rollout's reward, reward_std, ..., generation_seconds, and the update's time
+            step_figures |= {**batches.figures, "update_seconds": time.time() - update_clock}
 
         done = step + 1
         if args.compile and done == start_step + 1:  # the step that compiled: what it cost, said once
@@ -413,6 +435,8 @@ def load_data(args, template):
     """(training rows, held-out rows), views of tokenized stores (nanotune.store): --val-data, or a seeded
     --val-fraction of --data. Under a preference objective the rows are pairs (nanotune.pairs)."""
     def load(path):
+        if args.objective == "grpo":  # prompts and reference answers, not tokenized answers (nanotune.grpo)
+            return load_prompts(path, template, args.max_seq_len)
         store = load_store(path, template, args.model, args.data_cache or os.path.join(args.out, "data-cache"),
                            args.max_seq_len, args.train_on_prompt, args.mask_history, log=print0,
                            pairs=args.objective != "sft")
@@ -454,7 +478,11 @@ def optimizer_step(optimizer, scaler, params, max_grad_norm, step):
 def report_eval(model, val, scored, step, when, args, template, world, precision, metrics):
     """Log the held-out loss (if `val`) and the exact-match score (if `scored`) at `step`, with the blocks
     eager under --compile: a no-grad forward, and generation at each cached length, would compile again."""
-    if val and args.objective != "sft":
+    if val and args.objective == "grpo":
+        figures = evaluate_rewards(model, val, args, template, world, precision)
+        metrics.log(f"{when}: " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()), step=step,
+                    **figures)
+    elif val and args.objective != "sft":
         figures = evaluate_pairs(model, val, objective(args), args.batch_size, template.tokenizer.pad_id, world,
                                  precision)
         metrics.log(f"{when}: " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()), step=step,

@@ -23,7 +23,7 @@ from nanotune.tokenizer import load_tokenizer
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, eos=(), generator=None,
-             keep=None, device=None, agree=None):
+             keep=None, device=None, agree=None, with_stop=False, finished=all):
     """The new token ids of each prompt (a list of token-id lists, any lengths), generated together.
 
     The prompts are left-padded into one (B, T) batch, so that every row's next token comes from its
@@ -33,11 +33,12 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
     A row counts its positions from its first real token and no query sees a pad (Cache.real), so it
     computes what it would alone. Greedy when temperature is 0; else sampled at that temperature from
     the top_k most likely tokens (0: all) and, within them, the fewest whose probabilities reach
-    top_p (nucleus sampling, Holtzman et al. 2019). A row stops at any id in `eos` (not returned), or
-    when keep(row, its new ids so far) returns False (exact-match scoring stops a row that can no longer
-    equal its reference); generation ends when every row has stopped or after max_new_tokens. `model`
-    may be wrapped (DDP, FSDP, DeepSpeed): it is only called, so every rank of a sharded model takes
-    part in each forward.
+    top_p (nucleus sampling, Holtzman et al. 2019). A row stops at any id in `eos` (returned with
+    with_stop, as GRPO trains on it), or when keep(row, its new ids so far) returns False (exact-match
+    scoring stops a row that can no longer equal its reference); generation ends when finished(the rows'
+    done flags) says so (default: every row has stopped) or after max_new_tokens. `model` may be wrapped
+    (DDP, FSDP, DeepSpeed): it is only called, so every rank of a sharded model takes part in each forward
+    (keep must then answer alike on every rank; ranks generating different prompts agree in finished).
 
     device: where the inputs go (None: where the model's first parameter is; under FSDP's CPU offload
     that is CPU memory while the model computes on the GPU, so train.py passes its device). agree: under
@@ -68,11 +69,13 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
             token = agree(token).to(device)
         for row, t in enumerate(token.tolist()):
             if done[row] or t in eos:
+                if with_stop and not done[row]:
+                    new[row].append(t)
                 done[row] = True
                 continue
             new[row].append(t)
             done[row] = keep is not None and not keep(row, new[row])
-        if all(done) or step == max_new_tokens - 1:
+        if finished(done) or step == max_new_tokens - 1:
             break
         positions = positions[:, -1:] + 1  # (B, 1)
         if cache.real is not None:

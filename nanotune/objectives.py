@@ -6,6 +6,7 @@
     ipo    Azar et al. 2023, eq. 17, on mean log-probs as TRL computes it
     simpo  Meng et al. 2024, eq. 6: no reference, mean log-probs and a target margin gamma
     orpo   Hong et al. 2024, eq. 6-7: SFT's loss on the chosen answers plus an odds-ratio term
+    grpo   Shao et al. 2024: on completions sampled each step and scored by rewards (nanotune.grpo)
 
 A preference micro-batch holds P pairs as 2P rows, each chosen row followed by its rejected one, in one
 forward (nanotune.pairs). Every objective rests on one piece, row_logps: the summed log-probability of each
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from nanotune import UserError
+from nanotune.grpo import check_grpo_flags, grpo
 from nanotune.loss import IGNORE
 
-NAMES = ("sft", "dpo", "ipo", "simpo", "orpo")
+NAMES = ("sft", "dpo", "ipo", "simpo", "orpo", "grpo")
 WITH_REFERENCE = ("dpo", "ipo")
 FIGURES = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen",
            "logps_rejected")
@@ -105,6 +107,10 @@ def objective(args):
     """The --objective as one function (model, batch, n_tokens, n_pairs) -> (loss, figures)."""
     if args.objective == "sft":
         return sft
+    if args.objective == "grpo":
+        return partial(grpo, G=args.num_generations, eps=args.clip_eps, beta=args.beta,
+                       per_sequence=args.loss_norm == "sequence", reused=args.grpo_iterations > 1,
+                       reference=args.beta > 0)
     loss_fn, mean = {"dpo": (partial(dpo_loss, beta=args.beta, label_smoothing=args.label_smoothing), False),
                      "ipo": (partial(ipo_loss, beta=args.beta), True),
                      "simpo": (partial(simpo_loss, beta=args.beta, gamma=args.simpo_gamma), True),
@@ -114,7 +120,10 @@ def objective(args):
 
 def check_objective_flags(args):
     """Defaults that depend on the objective (None: --beta 2.0 for simpo as its paper, else 0.1 as TRL;
-    --simpo-gamma 0.5 as TRL's CPOConfig), and the flags' ranges."""
+    --simpo-gamma 0.5 as TRL's CPOConfig), and the flags' ranges; grpo's in nanotune.grpo."""
+    check_grpo_flags(args)
+    if args.objective == "grpo":
+        return
     if args.objective == "sft":
         if args.beta is not None or args.label_smoothing or args.simpo_gamma is not None:
             raise UserError("--beta, --label-smoothing and --simpo-gamma apply to the preference objectives "
