@@ -89,8 +89,8 @@ def test_fsdp_bf16_true_stores_and_computes_in_bf16(tiny_model_dir, tiny_data, t
 
 def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
     """QLoRA under FSDP, on a Llama with grouped-query attention (the family LLaMA-Factory's FSDP+QLoRA
-    examples train): rank 0 alone reads the checkpoint, every rank quantizes the weights it
-    broadcasts, FSDP shards the packed NF4 codes. Width 64: bitsandbytes' 4-bit blocks hold 64 weights."""
+    examples train): every rank reads and quantizes each base Linear in turn, FSDP shards the packed NF4
+    codes and each rank reads its rows of the rest. Width 64: bitsandbytes' 4-bit blocks hold 64 weights."""
     pytest.importorskip("bitsandbytes")
     model = str(tmp_path / "model")
     make_llama_folder(model, config_json("llama", vocab_size=320, eos_token_id=0, hidden_size=64,
