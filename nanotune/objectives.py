@@ -35,19 +35,19 @@ FIGURES = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accura
            "logps_rejected")
 
 
-def row_logps(model, input_ids, labels, positions=None, documents=None):
+def row_logps(model, input_ids, labels, positions=None, row_lengths=None):
     """(summed log-probability of each row's trained tokens (R,) fp32, their count (R,)): the shared piece
     of every objective (SFT's loss is minus its sum; a policy gradient would weigh the (B, T) terms). The
-    rows are those of input_ids (B, T), or of packed sequences (nanotune.packing) their documents in order,
-    the padding after the last row left out (it trains no token; every row trains at least one)."""
-    token = model(input_ids, labels, positions, documents, logprobs=True)  # (B, T), 0 where labels == IGNORE
+    rows are those of input_ids (B, T), or of packed sequences (nanotune.packing) the rows of row_lengths in
+    order, each sequence's padding left out (it trains no token; every row trains at least one)."""
+    token = model(input_ids, labels, positions, row_lengths, logprobs=True)  # (B, T), 0 where labels == IGNORE
     trained = labels != IGNORE
-    if documents is None:
+    if row_lengths is None:
         return token.sum(1), trained.sum(1)
-    slot = (torch.arange(documents.shape[0], device=documents.device)[:, None] * (documents.max() + 1)
-            + documents).flatten()  # (B*T,) the (sequence, document) each position belongs to
-    sums = token.new_zeros(int(slot.max()) + 1).index_add(0, slot, token.flatten())
-    counts = torch.zeros_like(sums, dtype=torch.long).index_add(0, slot, trained.flatten().long())
+    row = torch.arange(len(row_lengths), device=token.device).repeat_interleave(
+        row_lengths.to(token.device), output_size=token.numel())  # (B*T,) the packed row of each position
+    sums = token.new_zeros(len(row_lengths)).index_add(0, row, token.flatten())
+    counts = torch.zeros_like(sums, dtype=torch.long).index_add(0, row, trained.flatten().long())
     return sums[counts > 0], counts[counts > 0]
 
 
@@ -82,12 +82,12 @@ def orpo_odds_loss(m_c, m_r, beta):
 # --- Objectives: (model, batch, n_tokens, n_pairs) -> (loss, figures) ------------------------------------------
 
 def sft(model, batch, n_tokens, n_pairs):
-    """batch: (input_ids, labels), packed ones also (positions, documents)."""
+    """batch: (input_ids, labels), packed ones also (positions, row_lengths)."""
     return model(*batch) / n_tokens, {}
 
 
 def preference(loss_fn, mean, nll, with_reference, model, batch, n_tokens, n_pairs):
-    """A pair objective. batch: the model's inputs (input_ids, labels, packed ones also positions, documents),
+    """A pair objective. batch: the model's inputs (input_ids, labels, packed ones also positions, row_lengths),
     and with_reference the reference's row_logps (2P,) last. mean: loss_fn reads mean log-probs
     m = logp / trained tokens, not sums; nll: add SFT's loss on the chosen answers."""
     inputs, reference = (batch[:-1], batch[-1:]) if with_reference else (batch, [])

@@ -12,8 +12,9 @@ chosen row followed by its rejected one:
 With --packing, the rows of a micro-batch's pairs go back to back into sequences of 2 x --max-seq-len
 positions (nanotune.packing; a pair always fits one), each row attending only to itself:
 
-    input_ids, labels, positions, documents  (S, 2 x max_seq_len)   documents 0 1 2 3 ... = c0 r0 c1 r1 ...
-    reference                                (2P,)
+    input_ids, labels, positions  (S, 2 x max_seq_len)
+    row_lengths                   (R,)      c0 r0 c1 r1 ... and each sequence's padding, in order
+    reference                     (2P,)
 
 The reference is the model training starts from (the base, or the base with --adapter; a full fine-tune's
 starting weights). Its log-probs are computed once, before step 1, with dropout off, and kept with the
