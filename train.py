@@ -391,7 +391,8 @@ def adapt(model, args, precision):
         check_adapter_flags(args, parse_args([]), model.lora_config)
     elif args.lora:
         inject_lora(model, args.lora_target, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_bias,
-                    args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers, args.use_dora)
+                    args.modules_to_save, DTYPES[args.lora_dtype], args.rslora, args.lora_layers, args.use_dora,
+                    base_weight=lambda name: model.weights.read(name + ".weight", torch.float32))
     else:
         model.requires_grad_(True)
     if quant_bits(args) and precision.autocast and model.lora_config["bias"] != "none":

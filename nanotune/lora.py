@@ -95,9 +95,13 @@ class DoRALinear(LoRALinear):
     The norm needs W itself, dequantized over a quantized base: one layer's at a time, then freed."""
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, dtype=torch.float32):
+                 rslora: bool = False, dtype=torch.float32, weight=None):
         super().__init__(base_layer, r, alpha, dropout, rslora, dtype)
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(dense_weight(base_layer).to(dtype)))
+        # m starts at ||W||_c: from `weight` (out, in) where the base is not read yet (on the meta device:
+        # FSDP and ZeRO-3 read it once sharded); left empty there without one, for load_adapter to fill.
+        weight = dense_weight(base_layer) if weight is None else weight
+        self.lora_magnitude_vector = nn.Parameter(
+            torch.empty(weight.shape[0], dtype=dtype) if weight.is_meta else self.weight_norm(weight.to(dtype)))
 
     @torch.no_grad()
     def weight_norm(self, weight):
@@ -159,13 +163,16 @@ def linear_names(model: nn.Module):
 
 
 def inject_lora(model: nn.Module, target_modules=None, r=8, alpha=32, dropout=0.1,
-                bias="none", modules_to_save=(), dtype=torch.float32, rslora=False, layers=None, dora=False):
+                bias="none", modules_to_save=(), dtype=torch.float32, rslora=False, layers=None, dora=False,
+                base_weight=None):
     """Replace every nn.Linear whose name equals a target, or ends with '.'+target, by a LoRALinear
     (a DoRALinear if dora), then freeze everything but the adapter's weights, the chosen biases and
     `modules_to_save`.
     target_modules="all-linear" adapts every Linear but the output head; None, the model's
     `lora_targets` (PEFT's default for its family). layers restricts the adapted Linears to those
-    block indices (PEFT's layers_to_transform). Returns the model."""
+    block indices (PEFT's layers_to_transform). base_weight(name): the (out, in) weight of Linear `name`
+    for DoRA's magnitude where the base is still on the meta device (read from the checkpoint, one at a
+    time). Returns the model."""
     if target_modules is None:
         target_modules = model.lora_targets
     if isinstance(target_modules, str):
@@ -195,9 +202,14 @@ def inject_lora(model: nn.Module, target_modules=None, r=8, alpha=32, dropout=0.
         if not any(matches(n, [name]) for n in module_names):
             raise UserError(f"--modules-to-save {name!r} matches no module; top-level modules are: "
                             f"{', '.join(n for n, _ in model.named_children())}")
-    layer = DoRALinear if dora else LoRALinear
     for name in chosen:
-        model.set_submodule(name, layer(model.get_submodule(name), r, alpha, dropout, rslora, dtype))
+        base = model.get_submodule(name)
+        if not dora:
+            layer = LoRALinear(base, r, alpha, dropout, rslora, dtype)
+        else:
+            weight = base_weight(name) if base_weight is not None and base.weight.is_meta else None
+            layer = DoRALinear(base, r, alpha, dropout, rslora, dtype, weight)
+        model.set_submodule(name, layer)
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                          # PEFT accepts "all-linear" only as a string, not in a list
                          "target_modules": "all-linear" if list(target_modules) == ["all-linear"]
