@@ -24,7 +24,7 @@ from nanotune.checkpoint import atomic_dir, damaged, find_checkpoint, read_train
 from nanotune.checks import check_adapter_flags, check_args, check_combination, check_resume
 from nanotune.compile import compile_blocks
 from nanotune.data import Batches, collate, show, split
-from nanotune.distributed import (all_reduce_sum, barrier, compute_cleanup, compute_init,
+from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0, compute_cleanup, compute_init,
                                   full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
 from nanotune.elastic import PREEMPTED, Preempted, StopSignals, grad_accum_for, restart_line
 from nanotune.generate import generate
@@ -373,7 +373,7 @@ def find_resume(args, world):
     checkpoint = find_checkpoint(args.out, args.resume)
     if checkpoint:
         with damaged(checkpoint):
-            check_resume(read_trainer(checkpoint)["args"], args, world.size)
+            check_resume(read_trainer(checkpoint)["args"], args, world.size, vars(parse_args([])))
         return checkpoint
     finished = [name for name in ("adapter", "model") if os.path.isdir(os.path.join(args.out, name))]
     if finished:

@@ -125,9 +125,11 @@ def check_combination(args, world):
                         "on CUDA (on a CPU run the weights are in CPU memory already)")
 
 
-def check_resume(saved: dict, args, world_size: int):
+def check_resume(saved: dict, args, world_size: int, defaults=None):
     """Refuse a resume whose flags would change the math of the run it continues: it may spread the
-    same global batch over another number of processes or another strategy, and change nothing else."""
+    same global batch over another number of processes or another strategy, and change nothing else.
+    defaults: every flag's default, standing in for a flag the checkpoint's nanotune did not have yet."""
+    saved = {**(defaults or {}), **saved}
     now = {**vars(args), "world_size": world_size}
     for key in sorted(set(saved) | set(now)):
         if key not in RESUMABLE | LAYOUT and saved.get(key) != now.get(key):

@@ -113,6 +113,14 @@ def all_reduce_sum(values: list) -> list:
     return t.tolist()
 
 
+def broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank, on dist_device(); each rank passes one of the same shape and dtype.
+    Every rank must call this, in order."""
+    out = t.to(dist_device())
+    dist.broadcast(out, src=0)
+    return out
+
+
 def dist_device():
     """Where this group's collectives take their tensors: the current GPU under NCCL, else CPU memory."""
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in dist.get_backend() else torch.device("cpu")
