@@ -14,6 +14,7 @@ from nanotune.lora import DoRALinear, inject_lora, load_adapter, merge, save_ada
 from nanotune.models import from_pretrained
 from nanotune.precision import cast_frozen, resolve
 from nanotune.quantize import quantize
+from test_gemma_phi3 import phi3_config
 from test_llama import config_json, make_folder, token_ids
 
 R, ALPHA = 4, 8
@@ -147,17 +148,23 @@ def peft_dora(base, peft, dropout=0.0):
     return theirs
 
 
-def test_peft_dora_adapter_loads_here(tmp_path):
+# A Llama and a Phi-3 (fused qkv_proj and gate_up_proj: 7 and 4 Linears a block)
+CONFIGS = {"llama": config_json("llama", num_key_value_heads=2),
+           "phi3": phi3_config()}
+
+
+@pytest.mark.parametrize("family,linears", [("llama", 14), ("phi3", 8)])
+def test_peft_dora_adapter_loads_here(tmp_path, family, linears):
     """peft writes the adapter; nanotune loads it and computes peft's logits, in evaluation and, with
     dropout drawing the same masks in the same order, in training."""
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
-    make_folder(tmp_path / "base", config_json("llama", num_key_value_heads=2))
+    make_folder(tmp_path / "base", CONFIGS[family])
     base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), attn_implementation="eager")
     torch.manual_seed(0)
     theirs = peft_dora(base, peft, dropout=0.2)
     theirs.save_pretrained(str(tmp_path / "adapter"))
     ours = load_adapter(from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
-    assert sum(isinstance(m, DoRALinear) for m in ours.modules()) == 14  # 7 Linears x 2 blocks
+    assert sum(isinstance(m, DoRALinear) for m in ours.modules()) == linears  # every Linear of 2 blocks
     ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids), theirs.eval()(ids).logits, atol=1e-5, rtol=1e-5)
@@ -168,9 +175,10 @@ def test_peft_dora_adapter_loads_here(tmp_path):
             torch.testing.assert_close(mine, theirs.train()(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_our_dora_adapter_loads_in_peft(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_our_dora_adapter_loads_in_peft(tmp_path, family):
     transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
-    make_folder(tmp_path / "base", config_json("llama", num_key_value_heads=2, attention_bias=True))
+    make_folder(tmp_path / "base", {**CONFIGS[family], **({"attention_bias": True} if family == "llama" else {})})
     torch.manual_seed(0)
     ours = moved(inject_lora(from_pretrained(str(tmp_path / "base")), "all-linear", r=R, alpha=ALPHA, rslora=True,
                              dora=True)).eval()
