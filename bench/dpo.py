@@ -147,7 +147,7 @@ def nanotune_child(args):
     reference_s, reference_cpu_s = (time.perf_counter() - clock) * share, (time.process_time() - cpu_clock) * share
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    objective = partial(preference, partial(dpo_loss, beta=0.1), False, False)
+    objective = partial(preference, partial(dpo_loss, beta=0.1), False, False, True)  # sums, no NLL, a reference
     times, cpu = [], []
     for step in range(args.warmup + args.steps):
         batch = pairs.collate(list(range(step * args.batch, (step + 1) * args.batch)), template.tokenizer.pad_id)

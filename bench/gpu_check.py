@@ -52,6 +52,7 @@ TINY_SHAPES = {"neox": ["--hidden", "64", "--layers", "2", "--heads", "4", "--vo
                          "--intermediate", "128", "--vocab", "512", "--seq", "32", "--batch", "2"]}
 TINY_STEPS = ["--steps", "2", "--warmup", "1", "--block", "1", "--threads", "1"]
 MFU, VS_HF, MEMORY = 0.45, 1.3, 1.0  # the issue's targets: MFU, tokens/s x HF + peft, peak memory x HF + peft
+VS_TRL_DPO = 1.5  # DPO tokens/s x TRL's DPOTrainer + peft
 
 
 class Skip(Exception):
@@ -415,6 +416,112 @@ def packed_attention_check(run, figures):
     return out
 
 
+def dpo_command(run):
+    """A DPO step on the device: train.py --objective dpo, LoRA under bf16-mixed over an NF4 base, on the
+    bundled pairs (its reference log-probs computed once first, as train.py does)."""
+    needs_bnb(run)
+    return run.train("--objective", "dpo", "--data", os.path.join(ROOT, "assets", "data", "pairs.jsonl"),
+                     "--load-in-4bit", "--precision", "bf16")
+
+
+def trl_bench(script, *flags):
+    """bench/dpo.py or bench/grpo.py: nanotune against TRL + peft, each in a child process of its own; both
+    read ../shared/data (the real tokenizer and rows), and both time on the CPU (they hide CUDA)."""
+    def command(run):
+        if not run.has("trl", "transformers", "peft", "datasets"):
+            raise Skip("trl, transformers, peft or datasets is not importable here (the GPU machine has no trl)")
+        if not os.path.isdir(os.path.join(os.path.dirname(ROOT), "shared", "data")):
+            raise Skip(f"bench/{script} reads ../shared/data (tokenizer and rows), which is not beside the repo")
+        return [run.python, os.path.join(HERE, script), *(flags if run.tiny else ())]
+    return command
+
+
+def read_dpo(output):
+    """bench/dpo.py's last line: 'nanotune / TRL: 1.52x tokens/s, ...; 0.49x the training memory'."""
+    speed = re.search(r"nanotune / TRL: ([\d.]+)x tokens/s", output)
+    memory = re.search(r"([\d.]+)x the training memory", output)
+    return {"tokens_per_s_x_trl": float(speed[1]) if speed else None,
+            "training_memory_x_trl": float(memory[1]) if memory else None}
+
+
+def dpo_trl_check(run, figures):
+    return {"tokens/s x TRL": target(figures.get("tokens_per_s_x_trl"), ">=", VS_TRL_DPO),
+            "training memory x TRL": target(figures.get("training_memory_x_trl"), "<=", MEMORY)}
+
+
+def grpo_command(run):
+    """A GRPO step with generation on the device: train.py --objective grpo, G = 8 completions per prompt
+    sampled with the KV cache, the built-in length reward, LoRA under bf16-mixed."""
+    return run.train("--objective", "grpo", "--num-generations", "8", "--reward", "length", "--max-new-tokens",
+                     "8" if run.tiny else "64", "--temperature", "1.0", "--precision", "bf16")
+
+
+def read_grpo(output):
+    """bench/grpo.py's last line: 'nanotune / TRL: 1.23x (wall), 1.30x (CPU)'."""
+    ratio = re.search(r"nanotune / TRL: ([\d.]+)x \(wall\)", output)
+    return {"completions_per_s_x_trl": float(ratio[1]) if ratio else None}
+
+
+GEMMA2 = """import json, sys, torch
+import torch.nn.functional as F
+from nanotune.generate import generate
+from nanotune.models.gemma import Config, Gemma
+device, out = torch.device(sys.argv[1]), {}
+hf = {"model_type": "gemma2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+      "query_pre_attn_scalar": 16, "sliding_window": 8,  # prompts longer than the local layers' window
+      "final_logit_softcapping": 5.0, "attn_logit_softcapping": 1.0,  # caps below the logits, so both bite
+      "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+torch.manual_seed(0)
+model = Gemma(Config.from_hf(hf, "gpu_check"))
+for name, p in model.named_parameters():
+    torch.nn.init.normal_(p, std=0.02 if "norm" in name else 0.5)
+model = model.to(device).eval()
+prompts = [torch.randint(3, 512, (n,)).tolist() for n in (5, 19)]  # ragged: the shorter one left-padded
+with torch.no_grad():
+    cached = generate(model, prompts, max_new_tokens=16, device=device)
+    recomputed = []  # greedy, the whole sequence through the model again for every token
+    for ids in prompts:
+        ids, new = list(ids), []
+        for _ in range(16):
+            new.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
+            ids.append(new[-1])
+        recomputed.append(new)
+out["generation_equal"] = cached == recomputed
+ids = torch.randint(3, 512, (2, 64), device=device)
+labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
+for dtype in (torch.float32, torch.bfloat16):  # the fused, capped loss against capped logits' cross-entropy
+    with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+        fused = model(ids, labels=labels)
+        naive = F.cross_entropy(model(ids).float().flatten(0, 1), labels.flatten(), reduction="sum")
+    out[f"loss_rel_diff_{str(dtype)[6:]}"] = abs(fused.item() - naive.item()) / naive.item()
+    model.zero_grad()
+    fused.backward()
+    out[f"grad_finite_{str(dtype)[6:]}"] = all(p.grad.isfinite().all().item() for p in model.parameters()
+                                              if p.grad is not None)
+print("json " + json.dumps(out))"""
+
+
+def gemma2_command(run):
+    """A Gemma-2-shaped model (both soft-cappings, sliding-window layers) on the device: greedy cached
+    generation against recomputing every token, and the fused capped loss against plain cross-entropy."""
+    return [run.python, "-c", GEMMA2, run.device]
+
+
+def gemma2_check(run, figures):
+    return {"cached = recomputed generation": target(int(figures.get("generation_equal", False)), ">=", 1),
+            "fused loss fp32 rel diff": target(figures.get("loss_rel_diff_float32"), "<=", 1e-4),
+            "fused loss bf16 rel diff": target(figures.get("loss_rel_diff_bfloat16"), "<=", 0.02),
+            "gradients finite": target(int(figures.get("grad_finite_float32", False)
+                                           and figures.get("grad_finite_bfloat16", False)), ">=", 1)}
+
+
+def finite_loss_check(run, figures):
+    losses = figures.get("losses", [])
+    return {"losses logged, all finite": target(
+        len(losses) if losses and all(x == x and abs(x) != float("inf") for x in losses) else 0, ">=", 1)}
+
+
 # ---- reading the output, and the targets -----------------------------------------------------------------
 
 def json_line(output):
@@ -510,6 +617,13 @@ PARTS = [  # cheapest and most important first
          hf_check(speed=False)),
     Part("generate", 40, 150, generate_command),
     Part("qdora-1.4b", 90, 240, qdora_command),
+    Part("gemma2", 10, 90, gemma2_command, gemma2_check),
+    Part("dpo-nf4", 15, 120, dpo_command, finite_loss_check, train_losses),
+    Part("grpo-g8", 20, 150, grpo_command, finite_loss_check, train_losses),
+    Part("dpo-vs-trl", 60, 240, trl_bench("dpo.py", "--hidden", "64", "--layers", "2", "--max-len", "128",
+                                          "--steps", "1"), dpo_trl_check, read_dpo),
+    Part("grpo-vs-trl", 60, 240, trl_bench("grpo.py", "--hidden", "64", "--layers", "2", "--prompts", "1",
+                                           "--new-tokens", "4", "--steps", "1"), parse=read_grpo),
     Part("load-13b", 120, 420, loading_command("llama-13b", "bf16-true", "bf16-mixed"), loading_check),
     Part("load-fsdp-1b", 30, 120, loading_command("llama-1b", "fsdp"), loading_check),
     Part("load-zero3-1b", 30, 120, loading_command("llama-1b", "zero3"), loading_check),

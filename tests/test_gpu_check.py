@@ -145,3 +145,20 @@ def test_issue_25_parts_read_their_figures():
     assert all(t["met"] for t in gpu_check.tf32_check(run, figures).values())
     figures = {"max_diff_window_None": 0.004, "max_diff_window_256": 0.3, "masked_x_per_row_speed": 5}
     assert [t["met"] for t in gpu_check.packed_attention_check(run, figures).values()] == [True, False, True]
+
+
+def test_issue_30_parts_read_their_figures():
+    """The DPO and GRPO benches' ratio lines, the Gemma 2 part's checks, and a losses check that a NaN fails."""
+    out = ("nanotune / TRL: 1.62x tokens/s, 1.70x tokens/CPU-s; with its reference pass 1.40x and 1.51x; "
+           "0.49x the training memory\n")
+    figures = gpu_check.read_dpo(out)
+    assert figures == {"tokens_per_s_x_trl": 1.62, "training_memory_x_trl": 0.49}
+    assert all(t["met"] for t in gpu_check.dpo_trl_check(None, figures).values())
+    assert gpu_check.dpo_trl_check(None, gpu_check.read_dpo(out.replace("1.62x", "1.2x")))["tokens/s x TRL"]["met"] is False
+    assert gpu_check.read_grpo("  nanotune / TRL: 1.23x (wall), 1.30x (CPU)\n") == {"completions_per_s_x_trl": 1.23}
+    figures = {"generation_equal": False, "loss_rel_diff_float32": 0.0, "loss_rel_diff_bfloat16": 0.05,
+               "grad_finite_float32": True, "grad_finite_bfloat16": True}
+    assert [t["met"] for t in gpu_check.gemma2_check(None, figures).values()] == [False, True, False, True]
+    assert gpu_check.finite_loss_check(None, {"losses": [0.7, 0.6]})["losses logged, all finite"]["met"] is True
+    for losses in ([0.7, float("nan")], []):
+        assert gpu_check.finite_loss_check(None, {"losses": losses})["losses logged, all finite"]["met"] is False
