@@ -420,8 +420,27 @@ def dpo_command(run):
     """A DPO step on the device: train.py --objective dpo, LoRA under bf16-mixed over an NF4 base, on the
     bundled pairs (its reference log-probs computed once first, as train.py does)."""
     needs_bnb(run)
-    return run.train("--objective", "dpo", "--data", os.path.join(ROOT, "assets", "data", "pairs.jsonl"),
-                     "--load-in-4bit", "--precision", "bf16")
+    return with_peak(run.train("--objective", "dpo", "--data", os.path.join(ROOT, "assets", "data", "pairs.jsonl"),
+                               "--load-in-4bit", "--precision", "bf16"))
+
+
+PEAK = """import importlib.util, json, resource, sys, torch
+spec = importlib.util.spec_from_file_location("train_script", sys.argv[1])
+train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train)
+train.main(train.parse_args(sys.argv[2:]))
+cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+print("json " + json.dumps({"cuda_max_allocated_mb": cuda,
+                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"""
+
+
+def with_peak(cmd):
+    """train.py's main() in a process that then prints its peak CUDA memory and RSS (train.py prints neither)."""
+    return [cmd[0], "-c", PEAK, *cmd[1:]]
+
+
+def train_peak(output):
+    return train_losses(output) | json_line(output)
 
 
 def trl_bench(script, *flags):
@@ -452,8 +471,9 @@ def dpo_trl_check(run, figures):
 def grpo_command(run):
     """A GRPO step with generation on the device: train.py --objective grpo, G = 8 completions per prompt
     sampled with the KV cache, the built-in length reward, LoRA under bf16-mixed."""
-    return run.train("--objective", "grpo", "--num-generations", "8", "--reward", "length", "--max-new-tokens",
-                     "8" if run.tiny else "64", "--temperature", "1.0", "--precision", "bf16")
+    return with_peak(run.train("--objective", "grpo", "--num-generations", "8", "--reward", "length",
+                               "--max-new-tokens", "8" if run.tiny else "64", "--temperature", "1.0",
+                               "--precision", "bf16"))
 
 
 def read_grpo(output):
@@ -618,8 +638,8 @@ PARTS = [  # cheapest and most important first
     Part("generate", 40, 150, generate_command),
     Part("qdora-1.4b", 90, 240, qdora_command),
     Part("gemma2", 10, 90, gemma2_command, gemma2_check),
-    Part("dpo-nf4", 15, 120, dpo_command, finite_loss_check, train_losses),
-    Part("grpo-g8", 20, 150, grpo_command, finite_loss_check, train_losses),
+    Part("dpo-nf4", 15, 120, dpo_command, finite_loss_check, train_peak),
+    Part("grpo-g8", 20, 150, grpo_command, finite_loss_check, train_peak),
     Part("dpo-vs-trl", 60, 240, trl_bench("dpo.py", "--hidden", "64", "--layers", "2", "--max-len", "128",
                                           "--steps", "1"), dpo_trl_check, read_dpo),
     Part("grpo-vs-trl", 60, 240, trl_bench("grpo.py", "--hidden", "64", "--layers", "2", "--prompts", "1",
