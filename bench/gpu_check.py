@@ -19,7 +19,8 @@ and targets mean nothing. --parts picks parts by name, e.g. to finish what a sho
 The GPU machine has torch, transformers and peft but no bitsandbytes, and no network: --make-carry
 copies this interpreter's bitsandbytes into a folder (only its CPU and CUDA 13 libraries, as that
 machine's torch is cu130: 8 MB), which travels as an ignored path; this script puts build/gpu_site
-on the children's PYTHONPATH when it is there. Only load-zero3-1b needs deepspeed (skipped without it).
+on the children's PYTHONPATH when it is there. Only load-zero3-1b needs deepspeed (skipped without it);
+dpo-vs-trl and grpo-vs-trl need trl and ../shared/data (skipped without them: the GPU machine has neither).
 """
 import argparse
 import contextlib
