@@ -28,7 +28,7 @@ from nanotune.distributed import (all_reduce_sum, barrier, broadcast_from_rank0,
                                   full_state_dict, grad_sync, load_device, print0, scalar, wrap_ddp, wrap_fsdp)
 from nanotune.elastic import PREEMPTED, Preempted, StopSignals, grad_accum_for, restart_line
 from nanotune.generate import generate
-from nanotune.grpo import Rollouts, evaluate_rewards, load_prompts
+from nanotune.grpo import Rollouts, evaluate_rewards, load_prompts, start_weights
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, load_weights, parse_size, save_pretrained
@@ -211,6 +211,7 @@ def train(args, world, stop):
     n_all = sum(p.numel() for p in model.parameters())
     model = cast_frozen(model, precision)
 
+    start = start_weights(model, args, world)  # grpo's reference under DeepSpeed, before wrap restores a resume
     # The strategy's wrapper and the optimizer over what trains (their order is the lesson: see wrap).
     wrapped, optimizer, named_trainable = wrap(model, args, world, precision, checkpoint)
     scaler = precision.scaler(world.device)
@@ -229,7 +230,7 @@ def train(args, world, stop):
            f"(template {args.template}):\n" + "\n".join(show(ex, tokenizer, color=False) for ex in first))
     seq_len = (2 if pairs else 1) * args.max_seq_len if args.packing else None  # a packed pair fits 2 x max_seq_len
     if args.objective == "grpo":  # its data: the prompts with completions sampled and scored each step
-        batches = Rollouts(train_rows, wrapped, template, args, world, precision, named_trainable)
+        batches = Rollouts(train_rows, wrapped, template, args, world, precision, named_trainable, start)
     else:
         batches = (PairBatches if pairs else Batches)(train_rows, args.batch_size, args.grad_accum, world.size,
                                                       world.rank, args.seed, tokenizer.pad_id, seq_len)

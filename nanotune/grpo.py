@@ -19,10 +19,12 @@ is an objective like the others (nanotune.objectives), from (model, micro-batch)
 the per-token log-probs every objective uses (CausalLM.forward(logprobs=True)). The reference, for beta >
 0, is the model training started from: its trained weights are kept and swapped in for one no-grad forward
 per micro-batch (a LoRA adapter's copy is small; a full fine-tune keeps a second copy of its weights).
+Under DeepSpeed the copy is taken before the engine exists (start_weights), as a resumed run restores
+its weights there; ZeRO-3's partitioned weights are gathered whole to be swapped (GatheredParameters).
 """
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -183,7 +185,7 @@ class Rollouts:
     state to save, and one process with accumulation those of several without. Under FSDP and DeepSpeed
     every forward of generation is a collective, so the processes end generation together."""
 
-    def __init__(self, prompts, model, template, args, world, precision, named_trainable):
+    def __init__(self, prompts, model, template, args, world, precision, named_trainable, start=None):
         self.batches = PromptBatches(prompts, args.batch_size, args.grad_accum, world.size, world.rank, args.seed)
         self.prompts, self.model, self.template, self.args = prompts, model, template, args
         self.world, self.precision = world, precision
@@ -192,8 +194,9 @@ class Rollouts:
         self.steps_per_epoch = self.batches.steps_per_epoch * self.iterations
         self.rewards = load_rewards(tuple(args.reward))
         self.weights = torch.tensor(args.reward_weights or [1.0] * len(self.rewards))
-        # The reference (beta > 0): the trained weights as training starts (this rank's shards under FSDP).
-        self.reference = [p.detach().clone() for _, p in named_trainable] if args.beta else None
+        # The reference (beta > 0): the trained weights as training starts (this rank's shards under FSDP;
+        # under DeepSpeed `start`, taken before wrap restored a resumed run's weights).
+        self.reference = (start or [p.detach().clone() for _, p in named_trainable]) if args.beta else None
         self.trainable = [p for _, p in named_trainable]
         self.kept, self.figures = None, {}
 
@@ -270,16 +273,40 @@ class Rollouts:
 
     @contextmanager
     def swapped_in(self):
-        """The reference's weights in place of the trained ones, for a no-grad forward."""
+        """The reference's weights in place of the trained ones, for a no-grad forward. A ZeRO-3 weight is
+        an empty placeholder beside this rank's partition: it is gathered whole, written, and partitioned
+        again (each rank writes the same values), so the forward gathers the reference's partitions."""
         with torch.no_grad():
-            now = [p.detach().clone() for p in self.trainable]
-            for p, start in zip(self.trainable, self.reference):
-                p.copy_(start)
+            with whole(self.trainable):
+                now = [p.detach().clone() for p in self.trainable]
+                for p, start in zip(self.trainable, self.reference):
+                    p.copy_(start)
             try:
                 yield
             finally:
-                for p, current in zip(self.trainable, now):
-                    p.copy_(current)
+                with whole(self.trainable):
+                    for p, current in zip(self.trainable, now):
+                        p.copy_(current)
+
+
+def whole(params):
+    """ZeRO-3's parameters gathered whole, rank 0's values written back to every partition on exit."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+@torch.no_grad()
+def start_weights(model, args, world):
+    """grpo's reference under DeepSpeed (--beta > 0): the trainable weights before wrap(), which restores a
+    resumed run's weights before the engine is built. A weight still on the meta device (a ZeRO-3 full
+    fine-tune reads the base as it partitions it) is read from the base. None elsewhere: Rollouts copies
+    the weights itself (under FSDP this rank's shards, which exist only after wrap)."""
+    if args.objective != "grpo" or not args.beta or world.strategy != "deepspeed":
+        return None
+    return [model.weights.read(name, p.dtype, "cpu") if p.is_meta else p.detach().clone()
+            for name, p in model.named_parameters() if p.requires_grad]
 
 
 @torch.no_grad()
@@ -341,7 +368,3 @@ def check_grpo_flags(args):
     if args.packing or args.train_on_prompt:
         raise UserError("--packing and --train-on-prompt do not apply to --objective grpo (it trains on the "
                         "completions it samples); drop the flag")
-    if args.beta and args.strategy == "deepspeed":
-        raise UserError("--beta > 0 is not offered with --strategy deepspeed (the reference's weights are swapped in "
-                        "place, which ZeRO-3's partitions and a resumed engine's restored weights do not allow); use "
-                        "--strategy ddp or fsdp, or --beta 0")

@@ -2,6 +2,7 @@
 and log-probs, the logged KL against a recomputation from full logits, rewards from a user's file (what it
 is called with), rewards that raise or miscount, the prompt formats, bitwise resume, 2 processes == 1 with
 accumulation, and a reward that rises."""
+import importlib.util
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, alpaca_rows, run_torchrun, tiny_config, train_here, train_refused
+from conftest import ROOT, alpaca_rows, run_torchrun, run_train, tiny_config, train_here, train_refused
 from nanotune.grpo import advantages, grpo, grpo_token_loss, prompt_turns
 from nanotune.loss import IGNORE
 from nanotune.models.gpt_neox import GPTNeoX
@@ -194,6 +195,30 @@ def test_two_processes_equal_one_with_accumulation(tiny_model_dir, rows_file, tm
     for key in ("reward", "reward_std", "completion_length"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in one], rel=1e-6)
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in one], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+@pytest.mark.parametrize("stage,lora", [(2, True), (3, False)])  # ZeRO-3 LoRA swaps as its full fine-tune
+def test_kl_under_deepspeed_is_to_the_start_and_resumes(tiny_model_dir, rows_file, tmp_path, stage, lora):
+    """--beta > 0 under ZeRO-2 and ZeRO-3 (its partitions gathered to swap the reference in, every tensor
+    partitioned): the logged KL is 0 at step 1 (the reference is the starting model), the losses and KLs are
+    a single process's without DeepSpeed, and a run resumed at step 2 (whose engine is built on the restored
+    weights) keeps the reference of step 0 and logs what the uninterrupted run did."""
+    common = ["--model", tiny_model_dir, "--data", rows_file, *STEPS, "--max-steps", 3, "--save-every", 2,
+              "--reward", "length", "--beta", 0.5, "--lr", 1e-2, "--warmup-steps", 0, *([] if lora else ["--no-lora"])]
+    config = tmp_path / "zero.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    ds = [*common, "--strategy", "deepspeed", "--zero-stage", stage, "--deepspeed-config", config]
+    train_here(*common, "--out", tmp_path / "none")
+    run_train(*ds, "--out", tmp_path / "ds")
+    os.makedirs(tmp_path / "again")
+    shutil.copytree(tmp_path / "ds" / "checkpoints" / "step-2", tmp_path / "again" / "checkpoints" / "step-2")
+    assert "resumed from" in run_train(*ds, "--out", tmp_path / "again", "--resume").stdout
+    none, full, again = (metrics(tmp_path / name) for name in ("none", "ds", "again"))
+    assert full[0]["kl"] == pytest.approx(0, abs=1e-7) and full[-1]["kl"] > 1e-5
+    for key in ("loss", "kl", "reward"):
+        assert [r[key] for r in full] == pytest.approx([r[key] for r in none], rel=1e-4, abs=1e-7)
+        assert [r[key] for r in again] == pytest.approx([r[key] for r in full[2:]], rel=1e-4, abs=1e-7)
 
 
 def test_reward_rises(tiny_model_dir, rows_file, tmp_path):
