@@ -121,6 +121,24 @@ def train_refused(*args) -> str:
     return str(e.value)
 
 
+def refused_in_a_group(*args) -> str:
+    """train_refused for a run under --strategy ddp/fsdp/deepspeed, whose refusal may come once its
+    process group exists (the strategy's checks): main() in the test process, in a gloo group of one,
+    without an interpreter start and imports of its own (~2.5 s a case). The group main() set up is
+    gone when it stops, and so is the environment it set (RANK, MASTER_PORT, ...), so neither outlives it."""
+    train, environ = train_script(), dict(os.environ)
+    args = train.parse_args(["--device", "cpu", *map(str, args)])
+    assert args.strategy not in ("auto", "none"), "no process group: use train_refused"
+    try:
+        with pytest.raises(UserError) as e:
+            train.main(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    assert not torch.distributed.is_initialized() and "\n" not in str(e.value)
+    return str(e.value)
+
+
 def run_torchrun(port, *args):
     """train.py under torchrun with 2 processes (gloo on CPU); fails the test if the job fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
