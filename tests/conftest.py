@@ -93,49 +93,36 @@ def train_script():
     return sys.modules["train_script"]
 
 
-def train_here(*args, gpu=False):
+def train_here(*args, gpu=False, refused=False):
     """train.py's main() in this process, for a single-process run where the process itself is not
     what is tested: no interpreter start or imports (~2 s a run on CI's machine). On the CPU unless
     gpu=True, and one thread, as run_train. Returns what the run printed; a bad flag raises UserError,
-    which run_train's process prints as its one line. Runs under ddp/fsdp/deepspeed use run_train: a
-    process group (and the environment it sets) must not outlive the run in the test process."""
+    which run_train's process prints as its one line. Under --strategy ddp or fsdp, a process group of
+    one (gloo on the CPU): main() ends it, and the environment compute_init sets for it (RANK,
+    MASTER_PORT, ...) is put back here, so neither outlives the run. Runs under deepspeed use run_train
+    (its engine keeps state of its own in the process), but for refusals that come before it starts."""
     train = train_script()
     args = train.parse_args([*([] if gpu else ["--device", "cpu"]), *map(str, args)])  # a later --device wins
-    assert args.strategy in ("auto", "none"), "a process group in the test process: use run_train"
-    threads, printed = torch.get_num_threads(), io.StringIO()
+    assert refused or args.strategy != "deepspeed", "DeepSpeed's state in the test process: use run_train"
+    threads, printed, environ = torch.get_num_threads(), io.StringIO(), dict(os.environ)
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(printed):
             train.main(args)
     finally:
         torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
         sys.stdout.write(printed.getvalue())  # pytest shows it with a failure
+    assert not torch.distributed.is_initialized()
     return printed.getvalue()
 
 
 def train_refused(*args) -> str:
     """The sentence train_here(*args) stops with: run_train's process prints it as its one line."""
     with pytest.raises(UserError) as e:
-        train_here(*args)
-    assert "\n" not in str(e.value)
-    return str(e.value)
-
-
-def refused_in_a_group(*args) -> str:
-    """train_refused for a run under --strategy ddp/fsdp/deepspeed, whose refusal may come once its
-    process group exists (the strategy's checks): main() in the test process, in a gloo group of one,
-    without an interpreter start and imports of its own (~2.5 s a case). The group main() set up is
-    gone when it stops, and so is the environment it set (RANK, MASTER_PORT, ...), so neither outlives it."""
-    train, environ = train_script(), dict(os.environ)
-    args = train.parse_args(["--device", "cpu", *map(str, args)])
-    assert args.strategy not in ("auto", "none"), "no process group: use train_refused"
-    try:
-        with pytest.raises(UserError) as e:
-            train.main(args)
-    finally:
-        os.environ.clear()
-        os.environ.update(environ)
-    assert not torch.distributed.is_initialized() and "\n" not in str(e.value)
+        train_here(*args, refused=True)
+    assert "\n" not in str(e.value) and not torch.distributed.is_initialized()
     return str(e.value)
 
 

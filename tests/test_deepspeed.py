@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import refused_in_a_group, run_torchrun, run_train, train_here, trajectory
+from conftest import run_torchrun, run_train, train_here, train_refused, trajectory
 from nanotune import UserError
 from nanotune.checkpoint import Pieces
 from nanotune.distributed import World
@@ -77,8 +77,8 @@ def test_zero_matches_one_process_and_saves_complete_files(tiny_model_dir, tiny_
     if stage == 2 and lora:  # ZeRO-2's checkpoint (each rank an even share of the gathered moments) read by
         # one process under FSDP with twice the accumulation: the same steps, within float noise (measured 2e-7)
         fsdp = tmp_path / "fsdp"
-        run_train("--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--grad-accum", 4, "--strategy", "fsdp",
-                  "--out", fsdp, "--resume", ds / "checkpoints" / "step-2")
+        train_here("--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--grad-accum", 4, "--strategy", "fsdp",
+                   "--out", fsdp, "--resume", ds / "checkpoints" / "step-2")
         assert trajectory(fsdp) == pytest.approx(trajectory(ds)[-len(trajectory(fsdp)):], abs=1e-6, rel=0)
         mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (fsdp, ds))
         for key in ref:
@@ -103,7 +103,7 @@ def test_zero_matches_one_process_and_saves_complete_files(tiny_model_dir, tiny_
 def test_deepspeed_config_file_is_merged_and_checked(tiny_model_dir, tiny_data, tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
-    assert "train_micro_batch_size_per_gpu is 4 but the flags give 2; set it with the flag" in refused_in_a_group(
+    assert "train_micro_batch_size_per_gpu is 4 but the flags give 2; set it with the flag" in train_refused(
         "--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--strategy", "deepspeed",
         "--batch-size", 2, "--deepspeed-config", config)
 
