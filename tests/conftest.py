@@ -93,19 +93,37 @@ def train_script():
     return sys.modules["train_script"]
 
 
-def train_here(*args, gpu=False):
+@contextlib.contextmanager
+def group_of_one():
+    """For code that sets up a process group of one in this process (compute_init without torchrun):
+    afterwards no group is left, and the environment compute_init sets for it (RANK, MASTER_PORT, ...)
+    is put back, so neither outlives the run."""
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        initialized = torch.distributed.is_initialized()
+        if initialized:  # a run that failed before its own cleanup
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert not initialized, "the process group outlived the run"
+
+
+def train_here(*args, gpu=False, refused=False):
     """train.py's main() in this process, for a single-process run where the process itself is not
     what is tested: no interpreter start or imports (~2 s a run on CI's machine). On the CPU unless
     gpu=True, and one thread, as run_train. Returns what the run printed; a bad flag raises UserError,
-    which run_train's process prints as its one line. Runs under ddp/fsdp/deepspeed use run_train: a
-    process group (and the environment it sets) must not outlive the run in the test process."""
+    which run_train's process prints as its one line. Under --strategy ddp or fsdp, a process group of
+    one (gloo on the CPU) that main() ends (group_of_one). Runs under deepspeed use run_train
+    (its engine keeps state of its own in the process), but for refusals that come before it starts."""
     train = train_script()
     args = train.parse_args([*([] if gpu else ["--device", "cpu"]), *map(str, args)])  # a later --device wins
-    assert args.strategy in ("auto", "none"), "a process group in the test process: use run_train"
+    assert refused or args.strategy != "deepspeed", "DeepSpeed's state in the test process: use run_train"
     threads, printed = torch.get_num_threads(), io.StringIO()
     torch.set_num_threads(1)
     try:
-        with contextlib.redirect_stdout(printed):
+        with group_of_one(), contextlib.redirect_stdout(printed):
             train.main(args)
     finally:
         torch.set_num_threads(threads)
@@ -116,7 +134,7 @@ def train_here(*args, gpu=False):
 def train_refused(*args) -> str:
     """The sentence train_here(*args) stops with: run_train's process prints it as its one line."""
     with pytest.raises(UserError) as e:
-        train_here(*args)
+        train_here(*args, refused=True)
     assert "\n" not in str(e.value)
     return str(e.value)
 

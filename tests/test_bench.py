@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import ROOT
+from conftest import ROOT, group_of_one
 
 BENCH = os.path.join(ROOT, "bench", "bench.py")
 spec = importlib.util.spec_from_file_location("bench", BENCH)
@@ -99,12 +99,11 @@ def test_memory_children_report_peaks():
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_one_process_under_torchrun(strategy):
-    """bench.py --strategy ddp|fsdp as bench/scaling.py runs it, with one process (gloo)."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                           str(29950 + (strategy == "fsdp")), BENCH, "--mode", "lora-fp32", "--steps", "1",
-                           "--warmup", "0", "--no-memory", "--strategy", strategy, *TINY],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = json_line(proc.stdout).values()
+def test_ddp_and_fsdp_in_a_group_of_one(strategy, capsys):
+    """bench.py --strategy ddp|fsdp as bench/scaling.py runs it, with one process (gloo): here a group of one
+    in the test process, without torchrun's start-up (the same code as under torchrun from compute_init on)."""
+    with group_of_one():
+        bench.main(bench.parse_args(["--mode", "lora-fp32", "--steps", "1", "--warmup", "0", "--no-memory",
+                                     "--strategy", strategy, *TINY]))
+    (result,) = json_line(capsys.readouterr().out).values()
     assert result["tokens_per_s"] > 0

@@ -1,5 +1,5 @@
 """--strategy deepspeed on CPU with gloo: ZeRO-2 and ZeRO-3, LoRA and full fine-tune, 2 processes,
-against DDP with the same global batch; complete saved files; resume, bitwise with the same flags and
+against one process with the same global batch; complete saved files; resume, bitwise with the same flags and
 under FSDP on one process. Skipped without deepspeed (but for the test of the message a user
 without it gets)."""
 import importlib.util
@@ -7,14 +7,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_torchrun, run_train, train_here, trajectory
+from conftest import run_torchrun, run_train, train_here, train_refused, trajectory
 from nanotune import UserError
 from nanotune.checkpoint import Pieces
 from nanotune.distributed import World
@@ -36,19 +35,21 @@ STEPS = ["--max-steps", 4, "--batch-size", 2, "--grad-accum", 2, "--log-every", 
 
 
 @pytest.fixture(scope="module")
-def ddp(tiny_model_dir, tiny_data, tmp_path_factory):
-    """The DDP reference runs, LoRA and full, with the same global batch."""
+def reference(tiny_model_dir, tiny_data, tmp_path_factory):
+    """The reference runs, LoRA and full, with the same global batch: one process (in the test process)
+    with twice the accumulation, the math a 2-process DDP run gives too (test_distributed)."""
     runs = {}
     for lora in (True, False):
-        runs[lora] = tmp_path_factory.mktemp("ddp") / "out"
-        run_torchrun(29960 + lora, "--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--out", runs[lora],
-                 "--strategy", "ddp", *([] if lora else ["--no-lora"]))
+        runs[lora] = tmp_path_factory.mktemp("one") / "out"
+        train_here("--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--grad-accum", 4, "--out", runs[lora],
+                   *([] if lora else ["--no-lora"]))
     return runs
 
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage,lora", [(2, True), (3, True), (3, False)])
-def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tmp_path, ddp, stage, lora):
+def test_zero_matches_one_process_and_saves_complete_files(tiny_model_dir, tiny_data, tmp_path, reference, stage,
+                                                           lora):
     common = ["--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--strategy", "deepspeed",
               "--zero-stage", stage] + ([] if lora else ["--no-lora"])
     if stage == 3:  # partition even the tiny tensors (by default ZeRO-3 keeps those under 100k elements
@@ -58,7 +59,7 @@ def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tm
         common += ["--deepspeed-config", config]
     if stage == 3 and not lora:  # recomputing a block in the backward gathers its partitions again
         common += ["--grad-checkpoint"]
-    ds, ref_out = tmp_path / "ds", ddp[lora]
+    ds, ref_out = tmp_path / "ds", reference[lora]
     proc = run_torchrun(29970 + stage + 5 * lora, *common, "--out", ds)
     assert f"strategy deepspeed ZeRO-{stage}, 2 process(es)" in proc.stdout
     assert trajectory(ds) == pytest.approx(trajectory(ref_out), abs=1e-5)
@@ -76,18 +77,18 @@ def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tm
     if stage == 2 and lora:  # ZeRO-2's checkpoint (each rank an even share of the gathered moments) read by
         # one process under FSDP with twice the accumulation: the same steps, within float noise (measured 2e-7)
         fsdp = tmp_path / "fsdp"
-        run_train("--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--grad-accum", 4, "--strategy", "fsdp",
-                  "--out", fsdp, "--resume", ds / "checkpoints" / "step-2")
+        train_here("--model", tiny_model_dir, "--data", tiny_data, *STEPS, "--grad-accum", 4, "--strategy", "fsdp",
+                   "--out", fsdp, "--resume", ds / "checkpoints" / "step-2")
         assert trajectory(fsdp) == pytest.approx(trajectory(ds)[-len(trajectory(fsdp)):], abs=1e-6, rel=0)
         mine, ref = (load_file(o / "adapter" / "adapter_model.safetensors") for o in (fsdp, ds))
         for key in ref:
             torch.testing.assert_close(mine[key], ref[key], atol=1e-6, rtol=0)
-    if stage == 3 and lora:  # each rank wrote its partitions of the flattened tensors: put together, DDP's values
-        zero3, ddp_step = (Pieces(o / "checkpoints" / "step-2") for o in (ds, ref_out))
-        assert zero3.shapes == ddp_step.shapes
-        for key, shape in ddp_step.shapes.items():
+    if stage == 3 and lora:  # each rank wrote its partitions of the flattened tensors: put together, the reference's
+        zero3, ref_step = (Pieces(o / "checkpoints" / "step-2") for o in (ds, ref_out))
+        assert zero3.shapes == ref_step.shapes
+        for key, shape in ref_step.shapes.items():
             n = math.prod(shape)
-            torch.testing.assert_close(zero3.read(key, 0, n), ddp_step.read(key, 0, n), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(zero3.read(key, 0, n), ref_step.read(key, 0, n), atol=1e-6, rtol=1e-5)
     if stage == 3 and lora:  # resume from the step-2 checkpoint: same trajectory, same final adapter
         again = tmp_path / "again"
         os.makedirs(again)
@@ -102,11 +103,9 @@ def test_zero_matches_ddp_and_saves_complete_files(tiny_model_dir, tiny_data, tm
 def test_deepspeed_config_file_is_merged_and_checked(tiny_model_dir, tiny_data, tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
-    proc = subprocess.run([sys.executable, "train.py", "--model", tiny_model_dir, "--data", tiny_data, "--out",
-                           str(tmp_path / "o"), "--strategy", "deepspeed", "--batch-size", "2", "--deepspeed-config",
-                           str(config)], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert "train_micro_batch_size_per_gpu is 4 but the flags give 2; set it with the flag" in proc.stderr
+    assert "train_micro_batch_size_per_gpu is 4 but the flags give 2; set it with the flag" in train_refused(
+        "--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", "--strategy", "deepspeed",
+        "--batch-size", 2, "--deepspeed-config", config)
 
 
 @needs_deepspeed

@@ -118,11 +118,7 @@ def test_train_py_modes_lower_the_loss_and_save_lora_only(tiny_model_dir, tiny_d
 ])
 def test_contradicting_flags_are_one_sentence(tiny_model_dir, tiny_data, tmp_path, flags, message):
     args = ["--model", tiny_model_dir, "--data", tiny_data, "--out", tmp_path / "o", *flags]
-    if "--strategy" in flags:  # a process group, in a process of its own
-        proc = run_train(*args, check=False)
-        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
-    else:
-        assert message in train_refused(*args)
+    assert message in train_refused(*args)  # under --strategy, some once its process group (of one) exists
 
 
 def test_tf32_on_cuda_except_under_precision_32():
