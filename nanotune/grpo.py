@@ -145,7 +145,7 @@ class Prompts:
         return [Example([], [], p, r) for p, r in zip(self.prompts, self.references) if r is not None][:k]
 
 
-def load_prompts(path, template, max_seq_len, log=print0):
+def load_prompts(path, template, max_seq_len):
     """Prompts of every row of a .json/.jsonl file; a prompt longer than max_seq_len tokens is dropped."""
     check_file(path)
     prompts, users, references, dropped = [], [], [], 0
@@ -160,7 +160,7 @@ def load_prompts(path, template, max_seq_len, log=print0):
         references.append(reference)
     if not prompts:
         raise UserError(f"{path}: every prompt is longer than --max-seq-len {max_seq_len} tokens; raise it")
-    log(f"data: {len(prompts)} prompts from {path} ({sum(r is not None for r in references)} with a reference "
+    print0(f"data: {len(prompts)} prompts from {path} ({sum(r is not None for r in references)} with a reference "
         f"answer); {dropped} dropped, longer than --max-seq-len {max_seq_len}")
     return Prompts(prompts, users, references)
 
@@ -246,7 +246,7 @@ class Rollouts:
         seed = int(np.random.SeedSequence([self.args.seed, step, index]).generate_state(1)[0])
         rows = [i for i in positions for _ in range(self.G)]  # each prompt G times, its group together
         prompts = [self.prompts.prompts[i] for i in rows]
-        new = self.generate(prompts, self.args.temperature, self.args.top_p, torch.Generator().manual_seed(seed))
+        new = self.generate(prompts, torch.Generator().manual_seed(seed))
         stops = self.template.stop_ids
         return {"examples": [Example(p + ids, [False] * len(p) + [True] * len(ids), p, None)
                              for p, ids in zip(prompts, new)],
@@ -255,12 +255,12 @@ class Rollouts:
                 "references": [self.prompts.references[i] for i in rows]}
 
     @torch.compiler.set_stance("force_eager")  # under --compile: each cached length would compile again
-    def generate(self, prompts, temperature, top_p, generator):
+    def generate(self, prompts, generator):
         """Completions of `prompts`, each with its stop token if it reached one, with dropout off."""
         together = self.world.strategy in ("fsdp", "deepspeed")  # every rank in every forward: end together
         self.model.eval()
         with self.precision.context(self.world.device):
-            new = generate(self.model, prompts, self.args.max_new_tokens, temperature, 0, top_p,
+            new = generate(self.model, prompts, self.args.max_new_tokens, self.args.temperature, 0, self.args.top_p,
                            self.template.stop_ids, generator, with_stop=True,
                            finished=(lambda done: all_reduce_sum([float(not all(done))])[0] == 0) if together else all)
         self.model.train()
@@ -269,7 +269,7 @@ class Rollouts:
     @torch.no_grad()
     def logps(self, input_ids, labels):
         with self.precision.context(self.world.device):
-            return self.model(input_ids.to(self.world.device), labels.to(self.world.device), logprobs=True)
+            return self.model(input_ids, labels, logprobs=True)
 
     @contextmanager
     def swapped_in(self):

@@ -160,7 +160,7 @@ class LinearLogProbs(torch.autograd.Function):
     matmul more than LinearCrossEntropy)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, grad_enabled=True):
+    def forward(ctx, h, weight, targets, chunk, grad_enabled):
         N, V = h.shape[0], weight.shape[0]
         need_h, need_w = (need and grad_enabled for need in ctx.needs_input_grad[:2])  # see LinearCrossEntropy
         cpu = h.device.type == "cpu"

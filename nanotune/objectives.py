@@ -97,10 +97,9 @@ def preference(loss_fn, mean, nll, with_reference, model, batch, n_tokens, n_pai
     loss = losses.sum() / n_pairs
     if nll:  # ORPO's SFT term: the mean NLL per trained token of the chosen answers of the global batch
         loss = loss - logps[0::2].sum() / n_tokens
-    figures = {"rewards_chosen": reward_c.sum(), "rewards_rejected": reward_r.sum(),
-               "reward_margin": (reward_c - reward_r).sum(), "reward_accuracy": (reward_c > reward_r).sum(),
-               "logps_chosen": logps[0::2].detach().sum(), "logps_rejected": logps[1::2].detach().sum()}
-    return loss, {k: float(v) / n_pairs for k, v in figures.items()}
+    figures = torch.stack([reward_c.sum(), reward_r.sum(), (reward_c - reward_r).sum(),  # FIGURES' order
+                           (reward_c > reward_r).sum().float(), logps[0::2].detach().sum(), logps[1::2].detach().sum()])
+    return loss, {k: v / n_pairs for k, v in zip(FIGURES, figures.tolist())}
 
 
 def objective(args):

@@ -60,10 +60,10 @@ def draw(folders, path):
     import matplotlib.ticker
 
     runs = [(folder, read_metrics(folder)) for folder in folders]
-    pairs = ["reward_margin" in row for _, rows in runs for row in rows]  # a preference run's figures
+    pairs = any("reward_margin" in row for _, rows in runs for row in rows)  # a preference run's figures
     grpo = any("reward_std" in row for _, rows in runs for row in rows)  # a grpo run's: the mean reward
     panels = [("reward_accuracy", "reward accuracy\n(share of pairs)"),
-              ("reward_margin", "reward margin\n(chosen - rejected)")] * any(pairs) + \
+              ("reward_margin", "reward margin\n(chosen - rejected)")] * pairs + \
         [("reward", "mean reward\n(held out: greedy)")] * grpo
     fig, (loss_ax, norm_ax, lr_ax, *reward_axes) = plt.subplots(
         3 + len(panels), 1, figsize=(8, 7 + 1.5 * len(panels)), sharex=True,
@@ -81,7 +81,7 @@ def draw(folders, path):
     title = f"{folders[0]}: {summary(runs[0][1])}" if len(runs) == 1 else \
         "\n".join(f"{os.path.basename(os.path.normpath(f))}: {summary(rows)}" for f, rows in runs)
     loss_ax.set_title(title, fontsize=10)
-    loss_ax.set_ylabel("loss (mean over pairs)" if any(pairs) else "loss per trained token")
+    loss_ax.set_ylabel("loss (mean over pairs)" if pairs else "loss per trained token")
     if not grpo:  # grpo's loss is about 0 and may be negative: its figure is the reward
         loss_ax.set_yscale("log")  # a fine-tune falls over decades: a log axis keeps the end of the curve visible
         plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 0.2, not 2 x 10^-1
