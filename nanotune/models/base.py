@@ -261,13 +261,14 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rotate(x, cos, sin):
-    """x (B, n, T, hs) rotated by cos, sin (.., T, r) in the rotate-half layout; with r < hs (partial
-    rotary, Phi-4-mini) only the first r dimensions of each head turn and the rest pass through."""
-    r = cos.shape[-1]
+def rotate(x, cos, sin, layout=None):
+    """x (B, n, T, hs) rotated by cos, sin (.., T, r) in the rotate-half layout (layout=rotate_pairs: the
+    interleaved one); with r < hs (partial rotary: GPT-NeoX, GLM, Phi-4-mini) only the first r dimensions
+    of each head turn and the rest pass through."""
+    r, layout = cos.shape[-1], layout or rotate_half
     if r == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    return torch.cat((x[..., :r] * cos + rotate_half(x[..., :r]) * sin, x[..., r:]), dim=-1)
+        return x * cos + layout(x) * sin
+    return torch.cat((x[..., :r] * cos + layout(x[..., :r]) * sin, x[..., r:]), dim=-1)
 
 
 def rotate_pairs(x):

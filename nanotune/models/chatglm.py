@@ -12,12 +12,11 @@ V vocabulary.
 """
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotune import UserError
-from nanotune.models.base import CausalLM, RMSNorm, positive_ints, rotate_pairs
+from nanotune.models.base import CausalLM, RMSNorm, positive_ints, rotate, rotate_pairs
 from nanotune.models.rope import read_rope, rotary_tables
 
 
@@ -164,9 +163,7 @@ def attention(module, q, k, v, ctx, config: Config):
     k = k.view(B, T, ng, d).transpose(1, 2)  # (B, ng, T, d)
     v = v.view(B, T, ng, d).transpose(1, 2)
     cos, sin = ctx.cos, ctx.sin  # each (B or 1, 1, T, r): only the first r = d/2 dimensions rotate
-    r = cos.shape[-1]
-    q = torch.cat((q[..., :r] * cos + rotate_pairs(q[..., :r]) * sin, q[..., r:]), dim=-1)
-    k = torch.cat((k[..., :r] * cos + rotate_pairs(k[..., :r]) * sin, k[..., r:]), dim=-1)
+    q, k = rotate(q, cos, sin, rotate_pairs), rotate(k, cos, sin, rotate_pairs)
     # THUDM's query-key layer scaling divides the scores by the layer number and multiplies them back
     # in fp32: the plain 1/sqrt(d) here, up to rounding.
     y = ctx.attend(module, q, k, v)  # (B, nh, T, d)

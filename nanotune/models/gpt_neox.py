@@ -6,12 +6,11 @@ C hidden size, nh heads, hs head size (C = nh * hs), V vocabulary.
 """
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotune import UserError
-from nanotune.models.base import CausalLM, positive_ints, rotate_half
+from nanotune.models.base import CausalLM, positive_ints, rotate
 from nanotune.models.rope import read_rope, rotary_tables
 
 
@@ -72,20 +71,17 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head = config.num_attention_heads
         self.head_size = config.head_dim
-        self.rotary_ndims = int(self.head_size * config.rotary_pct)
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, ctx):
         B, T, C = x.shape
-        cos, sin = ctx.cos, ctx.sin  # each (B or 1, 1, T, rotary_ndims)
+        cos, sin = ctx.cos, ctx.sin  # each (B or 1, 1, T, r), r = hs * rotary_pct
         # The fused projection's rows are interleaved per head: [q_h0 k_h0 v_h0 q_h1 k_h1 v_h1 ...].
         qkv = self.query_key_value(x).view(B, T, self.n_head, 3 * self.head_size).transpose(1, 2)
         q, k, v = qkv.split(self.head_size, dim=-1)  # each (B, nh, T, hs)
-        # Partial rotary embeddings (GPT-NeoX paper, sec. 2.1): only the first rotary_ndims of each head rotate.
-        r = self.rotary_ndims
-        q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), dim=-1)
-        k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), dim=-1)
+        # Partial rotary embeddings (GPT-NeoX paper, sec. 2.1): only the first r of each head's dims rotate.
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = ctx.attend(self, q, k, v)  # (B, nh, T, hs)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
@@ -149,7 +145,7 @@ class GPTNeoX(CausalLM):
         return self.gpt_neox.final_layer_norm(x)
 
     def rotary(self, positions, dtype):
-        """cos, sin of shape (B, T, rotary_ndims) for positions (B, T), in fp32 like transformers, then cast."""
+        """cos, sin of shape (B, T, r) for positions (B, T), in fp32 like transformers, then cast."""
         config = self.config
         rope = {"rope_type": "default", **(config.rope_scaling or {}), "rope_theta": config.rotary_emb_base}
         return rotary_tables(rope, int(config.head_dim * config.rotary_pct), config.max_position_embeddings,
