@@ -480,13 +480,9 @@ def optimizer_step(optimizer, scaler, params, max_grad_norm, step):
 def report_eval(model, val, scored, step, when, args, template, world, precision, metrics):
     """Log the held-out loss (if `val`) and the exact-match score (if `scored`) at `step`, with the blocks
     eager under --compile: a no-grad forward, and generation at each cached length, would compile again."""
-    if val and args.objective == "grpo":
-        figures = evaluate_rewards(model, val, args, template, world, precision)
-        metrics.log(f"{when}: " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()), step=step,
-                    **figures)
-    elif val and args.objective != "sft":
-        figures = evaluate_pairs(model, val, objective(args), args.batch_size, template.tokenizer.pad_id, world,
-                                 precision)
+    if val and args.objective != "sft":  # grpo: rewards of sampled completions; the pair objectives: their figures
+        figures = evaluate_rewards(model, val, args, template, world, precision) if args.objective == "grpo" else \
+            evaluate_pairs(model, val, objective(args), args.batch_size, template.tokenizer.pad_id, world, precision)
         metrics.log(f"{when}: " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()), step=step,
                     **figures)
     elif val:

@@ -131,11 +131,11 @@ def restore_weights(path, named_trainable):
     with damaged(path), Pieces(path) as pieces:
         with torch.no_grad():
             for name, p in named_trainable:
+                t = pieces.mine(f"param.{name}", p)
                 if p.is_meta:
-                    t = pieces.mine(f"param.{name}", p).to(p.dtype)
-                    torch.utils.swap_tensors(p, torch.nn.Parameter(t, requires_grad=True))
+                    torch.utils.swap_tensors(p, torch.nn.Parameter(t.to(p.dtype), requires_grad=True))
                 else:
-                    p.copy_(pieces.mine(f"param.{name}", p))
+                    p.copy_(t)
 
 
 def restore(path, model, world, named_trainable, optimizer, scaler) -> int:

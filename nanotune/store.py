@@ -115,12 +115,9 @@ def build(path, template, max_seq_len, train_on_prompt, mask_history, folder, re
                 open(os.path.join(tmp, "trained.uint8"), "wb") as f_trained:
             rows = read_rows(path)
             while batch := list(islice(rows, BATCH)):
-                if pairs:
-                    parsed = [turn for where, _, row in batch for turn in pair_turns(row, where)]
-                    encoded = encode_rows(template, parsed, False, True)
-                else:
-                    parsed = [(*turns(row, where), where) for where, _, row in batch]
-                    encoded = encode_rows(template, parsed, train_on_prompt, mask_history)
+                parsed = [turn for where, _, row in batch
+                          for turn in (pair_turns(row, where) if pairs else [(*turns(row, where), where)])]
+                encoded = encode_rows(template, parsed, train_on_prompt and not pairs, mask_history or pairs)
                 group = 2 if pairs else 1  # the store's rows of one data row
                 tokens, trained = array("i"), array("B")
                 for k, (_, source, _) in enumerate(batch):
