@@ -65,7 +65,8 @@ def parse_args(argv=None):
 
 
 def write_model(args, folder):
-    """A random Llama-shaped model with the tokenizer folder's vocabulary and special ids, in HF layout."""
+    """A random Llama-shaped model with the tokenizer folder's vocabulary and special ids, in HF layout
+    (bench/grpo.py's too)."""
     config = json.load(open(os.path.join(args.tokenizer, "config.json")))
     torch.manual_seed(0)
     model = llama.Llama(llama.Config(

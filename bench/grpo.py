@@ -41,7 +41,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
 
-from nanotune.models import llama, save_pretrained  # noqa: E402
+from dpo import write_model  # noqa: E402  dpo.py beside this file: the same random Llama and tokenizer folder
 from nanotune.templates import load_template  # noqa: E402
 from nanotune.tokenizer import load_tokenizer  # noqa: E402
 
@@ -69,24 +69,6 @@ def parse_args(argv=None):
     a("--only", choices=["nanotune", "trl"], help=argparse.SUPPRESS)  # the child
     a("--work", help=argparse.SUPPRESS)  # the folder the parent wrote
     return p.parse_args(argv)
-
-
-def write_model(args, folder):
-    """A random Llama-shaped model with the tokenizer folder's vocabulary and special ids, in HF layout."""
-    config = json.load(open(os.path.join(args.tokenizer, "config.json")))
-    torch.manual_seed(0)
-    model = llama.Llama(llama.Config(
-        model_type="llama", vocab_size=config["vocab_size"], hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=1, intermediate_size=4 * args.hidden, max_position_embeddings=4096,
-        tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, bos_token_id=config["bos_token_id"],
-        eos_token_id=config["eos_token_id"]))
-    for name, p in model.named_parameters():
-        if "norm" not in name:
-            torch.nn.init.normal_(p, std=0.02)
-    save_pretrained(model, folder)
-    for name in os.listdir(args.tokenizer):
-        if name.startswith("tokenizer") or name == "generation_config.json":
-            shutil.copy(os.path.join(args.tokenizer, name), folder)
 
 
 def write_prompts(args, folder):

@@ -87,15 +87,21 @@ def test_fsdp_bf16_true_stores_and_computes_in_bf16(tiny_model_dir, tiny_data, t
     assert trajectory(fsdp) != pytest.approx(trajectory(single), abs=1e-5)
 
 
+def gqa_llama_folder(tmp_path):
+    """A Llama with grouped-query attention, width 64, in HF layout: the 4-bit tests' model."""
+    model = str(tmp_path / "model")
+    make_llama_folder(model, config_json("llama", vocab_size=320, eos_token_id=0, hidden_size=64,
+                                         intermediate_size=128, num_key_value_heads=2))
+    make_tokenizer().save(os.path.join(model, "tokenizer.json"))
+    return model
+
+
 def test_fsdp_shards_a_4bit_base(tiny_data, tmp_path):
     """QLoRA under FSDP, on a Llama with grouped-query attention (the family LLaMA-Factory's FSDP+QLoRA
     examples train): every rank reads and quantizes each base Linear in turn, FSDP shards the packed NF4
     codes and each rank reads its rows of the rest. Width 64: bitsandbytes' 4-bit blocks hold 64 weights."""
     pytest.importorskip("bitsandbytes")
-    model = str(tmp_path / "model")
-    make_llama_folder(model, config_json("llama", vocab_size=320, eos_token_id=0, hidden_size=64,
-                                         intermediate_size=128, num_key_value_heads=2))
-    make_tokenizer().save(os.path.join(model, "tokenizer.json"))
+    model = gqa_llama_folder(tmp_path)
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     flags = ["--model", model, "--data", tiny_data, *COMMON, "--load-in-4bit", "--double-quant"]
     train_here(*flags, "--out", single, "--grad-accum", 4)
@@ -114,10 +120,7 @@ def test_fsdp_dora_on_a_4bit_base(tiny_data, tmp_path):
     complete adapter; the weight norm takes each NF4 Linear's codes as FSDP gathers them (without their
     quantization state, which the layer keeps). 2 processes follow 1, as plain LoRA does."""
     pytest.importorskip("bitsandbytes")
-    model = str(tmp_path / "model")
-    make_llama_folder(model, config_json("llama", vocab_size=320, eos_token_id=0, hidden_size=64,
-                                         intermediate_size=128, num_key_value_heads=2))
-    make_tokenizer().save(os.path.join(model, "tokenizer.json"))
+    model = gqa_llama_folder(tmp_path)
     single, fsdp = tmp_path / "single", tmp_path / "fsdp"
     flags = ["--model", model, "--data", tiny_data, *COMMON, "--load-in-4bit", "--use-dora", "--lora-target",
              "all-linear"]
