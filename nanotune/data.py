@@ -169,27 +169,34 @@ def pair_turns(row, where: str):
         raise UserError(f"{where}: a preference pair needs 'chosen' and 'rejected', and {missing} is missing"
                         + ("; this is an SFT row, which trains with --objective sft" if "chosen" not in row and
                            "rejected" not in row else ""))
-    system = field(row, "system", where, required=False) or None
-    if "prompt" in row:  # TRL: strings (the prompt is one user turn) or lists of {role, content} messages
-        prompt = row["prompt"]
-        if isinstance(prompt, list):
-            system, prompt = messages(prompt, system, f"{where} prompt", "role", "content")
-        else:
-            prompt = [("user", field(row, "prompt", where))]
-    elif "conversations" in row:  # LLaMA-Factory's ShareGPT pairs
-        conv = row["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise UserError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
-        system, prompt = messages(conv, system, f"{where} conversations")
-    elif "instruction" in row:  # LLaMA-Factory's Alpaca pairs
-        prompt = [("user", alpaca_user(field(row, "instruction", where), field(row, "input", where, required=False)))]
-    else:
+    system, prompt = prompt_dialogue(row, where)
+    if prompt is None:
         raise UserError(f"{where}: a preference pair needs its prompt as 'prompt' (TRL), 'instruction' or "
                         f"'conversations' (LLaMA-Factory); found keys {sorted(row)}")
     if not prompt or prompt[-1][0] != "user":
         raise UserError(f"{where}: the prompt must end with a user turn, which the chosen and rejected answers answer")
     return [(system, prompt + [("assistant", completion(row[key], f"{where} {key}"))], where)
             for key in ("chosen", "rejected")]
+
+
+def prompt_dialogue(row, where: str):
+    """(system, [(role, text), ...]) of a row's prompt, for the objectives that train on answers to it:
+    TRL's 'prompt' (a string, one user turn, or {role, content} messages), ShareGPT's 'conversations',
+    or Alpaca's 'instruction' (and 'input'); the dialogue is None when the row has none of these."""
+    system = field(row, "system", where, required=False) or None
+    if "prompt" in row:
+        if isinstance(row["prompt"], list):
+            return messages(row["prompt"], system, f"{where} prompt", "role", "content")
+        return system, [("user", field(row, "prompt", where))]
+    if "conversations" in row:
+        conv = row["conversations"]
+        if not isinstance(conv, list) or not conv:
+            raise UserError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
+        return messages(conv, system, f"{where} conversations")
+    if "instruction" in row:
+        return system, [("user", alpaca_user(field(row, "instruction", where), field(row, "input", where,
+                                                                                       required=False)))]
+    return system, None
 
 
 def completion(value, where):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from nanotune import UserError
-from nanotune.data import Batches, Example, alpaca_user, check_file, collate, field, messages, read_rows
+from nanotune.data import Batches, Example, check_file, collate, field, prompt_dialogue, read_rows
 from nanotune.distributed import all_reduce_sum, print0
 from nanotune.generate import generate
 from nanotune.loss import IGNORE
@@ -93,29 +93,20 @@ def prompt_turns(row, where):
     {"prompt": text or messages, "answer"}."""
     if not isinstance(row, dict):
         raise UserError(f"{where}: each row must be a JSON object, not {type(row).__name__}")
-    system = field(row, "system", where, required=False) or None
+    system, dialogue = prompt_dialogue(row, where)
+    if dialogue is None:
+        raise UserError(f"{where}: --objective grpo needs a prompt: 'instruction' (Alpaca), 'conversations' "
+                        f"(ShareGPT) or 'prompt' (TRL); found keys {sorted(row)}")
     if "prompt" in row:
-        if isinstance(row["prompt"], list):
-            system, dialogue = messages(row["prompt"], system, f"{where} prompt", "role", "content")
-        else:
-            dialogue = [("user", field(row, "prompt", where))]
         reference = field(row, "answer", where) if row.get("answer") is not None else None
-    elif "conversations" in row:
-        conv = row["conversations"]
-        if not isinstance(conv, list) or not conv:
-            raise UserError(f"{where}: field 'conversations' must be a non-empty list of {{from, value}} objects")
-        system, dialogue = messages(conv, system, f"{where} conversations")
+    elif "conversations" in row:  # the last user turn is answered; its reply, if any, is the reference
         last = max((i for i, (role, _) in enumerate(dialogue) if role == "user"), default=None)
         if last is None:
             raise UserError(f"{where}: the conversation has no user turn to answer")
         reference = dialogue[last + 1][1] if last + 1 < len(dialogue) else None
         dialogue = dialogue[:last + 1]
-    elif "instruction" in row:
-        dialogue = [("user", alpaca_user(field(row, "instruction", where), field(row, "input", where, required=False)))]
-        reference = field(row, "output", where) if row.get("output") is not None else None
     else:
-        raise UserError(f"{where}: --objective grpo needs a prompt: 'instruction' (Alpaca), 'conversations' "
-                        f"(ShareGPT) or 'prompt' (TRL); found keys {sorted(row)}")
+        reference = field(row, "output", where) if row.get("output") is not None else None
     if dialogue[-1][0] != "user":
         raise UserError(f"{where}: the prompt must end with a user turn for the model to answer")
     return system, dialogue, dialogue[-1][1], reference
