@@ -32,7 +32,7 @@ from nanotune.grpo import Rollouts, evaluate_rewards, load_prompts, start_weight
 from nanotune.lora import inject_lora, load_adapter, save_adapter
 from nanotune.merge import merge_adapter
 from nanotune.models import MAX_SHARD_SIZE, SAVE_DTYPES, from_pretrained, load_weights, parse_size, save_pretrained
-from nanotune.objectives import FIGURES, NAMES as OBJECTIVES, WITH_REFERENCE, check_objective_flags, objective
+from nanotune.objectives import NAMES as OBJECTIVES, WITH_REFERENCE, check_objective_flags, objective
 from nanotune.pairs import PairBatches, Pairs, attach_reference, evaluate_pairs, load_reference, save_reference
 from nanotune.plot import report
 from nanotune.precision import CHOICES as PRECISIONS, cast_frozen, load_dtype, matmul_precision, resolve
@@ -276,7 +276,7 @@ def train(args, world, stop):
         micro, n_tokens = batches.step(step)  # grpo: sampled now (nanotune.grpo.Rollouts)
         n_units = batches.pairs(step) if pairs else batches.global_batch  # pairs: a packed step's vary in number
         update_clock = time.time()
-        step_loss, step_figures = 0.0, dict.fromkeys(FIGURES if pairs else (), 0.0)
+        step_loss, step_figures = 0.0, {}  # the objective's figures, summed over the micro-batches
         for i, batch in enumerate(micro):  # (input_ids, labels), packed ones also (positions, row_lengths)
             grad_sync(wrapped, world, enabled=i == len(micro) - 1)  # all-reduce on the last micro-batch only
             # The objective gives this micro-batch's share of the global batch's mean: its summed loss over
